@@ -98,7 +98,8 @@ def test_flatten_axes_indices_3d():
 def test_channels_last_and_token_layout_agree():
     x = torch.randn(2, 3, 4, 6, 2)
     xl = x.movedim(1, -1)
-    for fn, kw in [(so.raster, {}), (so.transposed, {}), (so.windows, {"window": (2, 3, 1)}), (so.strided, {"stride": 2})]:
+    orders = [(so.raster, {}), (so.transposed, {}), (so.windows, {"window": (2, 3, 1)}), (so.strided, {"stride": 2})]
+    for fn, kw in orders:
         a, _ = fn(x, **kw)
         b, _ = fn(xl, channels_last=True, **kw)
         c, _ = fn(x, token_layout="BCL", **kw)
@@ -141,7 +142,8 @@ def _lkm_grid_reference(x, p):
         t = t.contiguous().view(b * p1 * p2 * p3, c, z // p1, h // p2, w // p3)
     else:
         h, w = x.shape[2:]
-        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 3, 5, 1, 2, 4).contiguous().view(b * p * p, c, h // p, w // p)
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 3, 5, 1, 2, 4)
+        t = t.contiguous().view(b * p * p, c, h // p, w // p)
     return t.reshape(t.shape[0], c, -1).transpose(-1, -2)
 
 

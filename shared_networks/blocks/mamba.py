@@ -66,7 +66,8 @@ def causal_depthwise_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: to
     w = weight.reshape(weight.shape[0], -1)
     k = w.shape[1]
     if _causal_conv1d_fn is not None and x.is_cuda and 2 <= k <= 4:
-        return _causal_conv1d_fn(x, w, bias, activation="silu")
+        # contiguous (B, C, L): the kernel's channel-last path has extra divisibility constraints
+        return _causal_conv1d_fn(x.contiguous(), w, bias, activation="silu")
     return F.silu(F.conv1d(F.pad(x, (k - 1, 0)), w.unsqueeze(1), bias, groups=w.shape[0]))
 
 
@@ -132,7 +133,8 @@ def mamba_inner(
     """
     if xz.dim() != 3 or xz.shape[1] != 2 * A_log.shape[0]:
         raise ValueError(f"mamba_inner: xz must be (B, 2*d_inner={2 * A_log.shape[0]}, L), got {tuple(xz.shape)}.")
-    return _mamba_inner_multi([xz], [(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)])[0]
+    params = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
+    return _mamba_inner_multi([xz], [params])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
