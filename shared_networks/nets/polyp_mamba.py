@@ -273,7 +273,7 @@ class ScaleAwareSemantics(nn.Module):
         self.split = channels is None
         width = total if channels is None else int(channels)
         self.proj = None if channels is None else _conv_bn(spatial_dims, total, width)
-        dpr = torch.linspace(0, drop_path, depth).tolist() if depth else []
+        dpr = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []
         self.blocks = nn.ModuleList([_vss(width, dpr[i], d_state, spatial_dims, eps) for i in range(depth)])
         self.out_channels = self.in_channels if self.split else (width,) * len(self.in_channels)
         self.use_checkpoint = False
@@ -410,8 +410,8 @@ class PolypMamba(nn.Module):
         dims_dec = dims[::-1]
 
         self.patch_embed = PatchEmbed(spatial_dims, in_channels, dims[0], patch_size, norm_eps)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        dpr_dec = torch.linspace(0, drop_path_rate, sum(depths_decoder)).tolist()[::-1]
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr_dec = torch.linspace(0, drop_path_rate, sum(depths_decoder), device="cpu").tolist()[::-1]
         self.layers = nn.ModuleList(
             [
                 _EncoderStage(
