@@ -128,7 +128,7 @@ class PerspectiveUNet(nn.Module):
     Parameters: 112,659,849 (2D, defaults, K=9) / 112,656,964 (K=4), plus 2,779,557 buffer elements (the ENLA random
     matrices 2,752,512, the rest BatchNorm statistics). A lighter 3D configuration, e.g.
     ``PerspectiveUNet(3, 1, 14, img_size=(96, 96, 96), channels=(32, 64, 128, 256, 512), scsi_hidden_size=128,
-    scsi_mlp_dim=512)`` has 59,040,014 parameters; its SCSI runs over 24^3 + 12^3 + 6^3 = 15,768 tokens.
+    scsi_mlp_dim=512)`` has 58,721,134 parameters; its SCSI runs over 24^3 + 12^3 + 6^3 = 15,768 tokens.
     """
 
     def __init__(
