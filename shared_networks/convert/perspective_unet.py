@@ -88,7 +88,9 @@ def _official_entries(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple
 def _build(num_classes, use_enltb, use_scale_integrator, use_dilate_conv, in_channels, img_size, scsi_attention,
            gray_to_rgb, device="meta") -> PerspectiveUNet:
     if in_channels not in (1, 3):
-        raise ValueError(f"official checkpoints take 1 (repeated to 3) or 3 input channels, got in_channels={in_channels}.")
+        raise ValueError(
+            f"official checkpoints take 1 (repeated to 3) or 3 input channels, got in_channels={in_channels}."
+        )
     with torch.device(device):
         return PerspectiveUNet(
             spatial_dims=2, in_channels=in_channels, out_channels=num_classes, img_size=img_size,

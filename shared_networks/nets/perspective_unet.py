@@ -159,6 +159,7 @@ class PerspectiveUNet(nn.Module):
         gray_to_rgb: bool | None = None,
     ) -> None:
         super().__init__()
+        self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if len(channels) != 5:
@@ -223,6 +224,12 @@ class PerspectiveUNet(nn.Module):
             ]
         )
         self.head = conv(ch[0], out_channels, 3, padding=1)
+
+    @property
+    def constructor_args(self) -> dict:
+        """Arguments that rebuild this network (e.g. for a bundle's network definition)."""
+        args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self._args.items()}
+        return {**args, "scsi_attention": self.scsi_attention}
 
     @property
     def scsi_attention(self) -> str:
