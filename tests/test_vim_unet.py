@@ -283,8 +283,10 @@ def official_forward(sd, x, canvas, code_state="paper"):
     t = F.conv2d(x, sd["encoder.patch_embed.proj.weight"], sd["encoder.patch_embed.proj.bias"], stride=16)
     t = t.flatten(2).transpose(1, 2)
     b, m, d = t.shape
-    cls = sd["encoder.cls_token"].expand(b, -1, -1)
-    t = torch.cat([cls, t], 1) if paper else torch.cat([t[:, : m // 2], cls, t[:, m // 2:]], 1)
+    has_cls = "encoder.cls_token" in sd
+    if has_cls:
+        cls = sd["encoder.cls_token"].expand(b, -1, -1)
+        t = torch.cat([cls, t], 1) if paper else torch.cat([t[:, : m // 2], cls, t[:, m // 2:]], 1)
     t = t + sd["encoder.pos_embed"]
 
     def rot(v):
@@ -326,7 +328,8 @@ def official_forward(sd, x, canvas, code_state="paper"):
         if not paper:
             y = y / 2
         hidden = F.linear(y.transpose(1, 2), sd[p + "out_proj.weight"])
-    out = rms(residual + hidden, sd["encoder.norm_f.weight"])[:, 1:]
+    out = rms(residual + hidden, sd["encoder.norm_f.weight"])
+    out = out[:, 1:] if has_cls else out  # ViM.forward drops token 0 (with a middle cls: the first patch token)
     g = int(out.shape[1] ** 0.5)
     z12 = out.unflatten(1, (g, g)).permute(0, 3, 1, 2)
 
@@ -366,14 +369,14 @@ def official_forward(sd, x, canvas, code_state="paper"):
     return v[..., :h0, :w0]
 
 
-def randomised_official(code_state="paper", seed=0):
+def randomised_official(code_state="paper", seed=0, cls=True):
     """A torch-em-layout state dict (canvas 64, Tiny) with non-trivial values everywhere (BN statistics, the zero
     backward dt bias, ...), so that any mix-up of keys changes the output."""
     torch.manual_seed(seed)
     paper = code_state == "paper"
     net = ViMUNet(encoder="vim_t", img_size=64, paper_time_quirks=True, rope=paper,
-                  cls_token="front" if paper else "middle", divide_out=not paper,
-                  upsample="deconv" if paper else "bilinear", drop_index0_quirk=not paper)
+                  cls_token=("front" if paper else "middle") if cls else None, divide_out=not paper,
+                  upsample="deconv" if paper else "bilinear", drop_index0_quirk=cls and not paper)
     sd = to_official(net)
     g = torch.Generator().manual_seed(seed + 1)
     for k, v in sd.items():
@@ -384,12 +387,13 @@ def randomised_official(code_state="paper", seed=0):
     return sd
 
 
-@pytest.mark.parametrize("code_state", ["paper", "head"])
-def test_from_official_matches_official_function(code_state):
-    sd = randomised_official(code_state)
-    net = from_official(sd, img_size=64)  # code state and upsampler read from the checkpoint
+@pytest.mark.parametrize("code_state, cls", [("paper", True), ("head", True), ("paper", False)])
+def test_from_official_matches_official_function(code_state, cls):
+    sd = randomised_official(code_state, cls=cls)
+    net = from_official(sd, img_size=64, with_cls_token=cls)  # code state and upsampler read from the checkpoint
     assert net.encoder.use_rope == (code_state == "paper")
     assert n_params(net) == n_params(meta_net(encoder="vim_t", img_size=64, paper_time_quirks=True,
+                                              cls_token="front" if cls else None,
                                               upsample="deconv" if code_state == "paper" else "bilinear"))
     x = torch.randn(2, 1, 48, 64)
     with torch.no_grad():
@@ -433,7 +437,7 @@ def test_from_official_refusals():
         from_official(bad, img_size=64)
     with pytest.raises(ValueError, match=r"misshapen keys: encoder.pos_embed: expected \(1, 4097, 192\)"):
         from_official(sd, img_size=1024)  # checkpoint built for another canvas
-    with pytest.raises(ValueError, match=r"misshapen keys: .*encoder.patch_embed.proj.weight: expected \(384, 3, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"misshapen keys: .*patch_embed.proj.weight: expected \(384, 3, 16, 16\)"):
         from_official(sd, img_size=64, model_type="vim_s")
     with pytest.raises(ValueError, match="resize_input"):
         from_official(sd, img_size=64, resize_input=True)

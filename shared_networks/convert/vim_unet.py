@@ -188,10 +188,12 @@ def from_official(
         raise ValueError(f"ViM-UNet: code_state must be 'paper' or 'head', got {code_state!r}.")
     if use_conv_transpose is None:
         use_conv_transpose = "deconv_out.conv.weight" not in sd
-    if final_activation is not None and (not isinstance(final_activation, str) or final_activation.lower() != "sigmoid"):
+    if final_activation is not None and str(final_activation).lower() != "sigmoid":
         raise ValueError(f"ViM-UNet: final_activation={final_activation!r}; only 'Sigmoid' (torch-em) or None.")
     if in_channels not in (1, 3):
-        raise ValueError(f"ViM-UNet: in_channels must be 1 or 3 for the official RGB patch embedding, got {in_channels}.")
+        raise ValueError(
+            f"ViM-UNet: in_channels must be 1 or 3 for the official RGB patch embedding, got {in_channels}."
+        )
     paper = code_state == "paper"
     cls = None if not with_cls_token else ("front" if paper else "middle")
     mean, std = _SAM_STATS if use_sam_stats else (None, None)

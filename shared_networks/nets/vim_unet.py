@@ -211,10 +211,14 @@ class ViMEncoder(nn.Module):
         self.img_size = _tuple(img_size, spatial_dims, "img_size")
         self.patch_size = _tuple(patch_size, spatial_dims, "patch_size")
         if any(s % p for s, p in zip(self.img_size, self.patch_size)):
-            raise ValueError(f"ViMEncoder: img_size {self.img_size} must be a multiple of patch_size {self.patch_size}.")
+            raise ValueError(
+                f"ViMEncoder: img_size {self.img_size} must be a multiple of patch_size {self.patch_size}."
+            )
         self.flatten_axes = tuple(range(spatial_dims)) if flatten_axes is None else tuple(int(a) for a in flatten_axes)
         if sorted(self.flatten_axes) != list(range(spatial_dims)):
-            raise ValueError(f"ViMEncoder: flatten_axes={flatten_axes!r} must be a permutation of range({spatial_dims}).")
+            raise ValueError(
+                f"ViMEncoder: flatten_axes={flatten_axes!r} must be a permutation of range({spatial_dims})."
+            )
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.embed_dim, self.depth = embed_dim, depth
         self.cls_position = cls_token
@@ -506,7 +510,7 @@ class ViMUNet(nn.Module):
             img_size=list(_tuple(img_size, spatial_dims, "img_size")), encoder=encoder,
             patch_size=list(_tuple(patch_size, spatial_dims, "patch_size")), embed_dim=embed_dim, depth=depth,
             decoder_channels=list(decoder_channels),
-            final_activation=final_activation if not isinstance(final_activation, nn.Module) else repr(final_activation),
+            final_activation=repr(final_activation) if isinstance(final_activation, nn.Module) else final_activation,
             paper_time_quirks=paper_time_quirks, pad_mode=pad_mode, classifier_head=classifier_head, rope=rope,
             cls_token=cls_token, divide_out=divide_out, upsample=upsample, drop_path_rate=drop_path_rate,
             embed_in_channels=embed_in_channels, pixel_mean=None if pixel_mean is None else list(pixel_mean),
