@@ -5,6 +5,7 @@ independent functional re-statement of the torch-em forward pass, refusals, and 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -459,8 +460,9 @@ def test_from_official_refusals():
 # ----------------------------------------------------------------------------------------------------------------
 def test_training_on_nuclei_improves_dice():
     skimage_io = pytest.importorskip("skimage.io")
-    img = skimage_io.imread("data/demo/nuclei/image.tif").astype(np.float32)
-    msk = (skimage_io.imread("data/demo/nuclei/mask.tif") > 0).astype(np.float32)
+    root = Path(__file__).resolve().parents[1] / "data" / "demo" / "nuclei"
+    img = skimage_io.imread(root / "image.tif").astype(np.float32)
+    msk = (skimage_io.imread(root / "mask.tif") > 0).astype(np.float32)
     img = (img - img.mean()) / img.std()  # torch-em standardises outside the model
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
