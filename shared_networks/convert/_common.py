@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 
 
-def load_checkpoint_file(path: str | os.PathLike, key_candidates=("state_dict", "model", "network_weights", "net")):
+def load_checkpoint_file(path: str | os.PathLike, key_candidates=("state_dict", "model", "model_state", "network_weights", "net")):
     """Read a checkpoint without executing pickled code and return its state dict.
 
     Official files are often nnU-Net/Lightning checkpoints: dicts holding the weights under ``state_dict`` (nnU-Net),
