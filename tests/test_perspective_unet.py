@@ -5,6 +5,8 @@ demo nuclei image."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -409,8 +411,9 @@ def test_trains_on_demo_nuclei():
     from PIL import Image
     from monai.losses import DiceCELoss
 
-    im = np.asarray(Image.open("data/demo/nuclei/image.tif"), dtype=np.float32)
-    fg = (np.asarray(Image.open("data/demo/nuclei/mask.tif")) > 0).astype(np.float32)
+    demo = Path(__file__).resolve().parents[1] / "data" / "demo" / "nuclei"
+    im = np.asarray(Image.open(demo / "image.tif"), dtype=np.float32)
+    fg = (np.asarray(Image.open(demo / "mask.tif")) > 0).astype(np.float32)
     x = F.interpolate(torch.from_numpy((im - im.mean()) / im.std())[None, None], size=(96, 96), mode="area")
     y = (F.interpolate(torch.from_numpy(fg)[None, None], size=(96, 96), mode="area") > 0.5).float()
     xb, yb = torch.cat([x, x.flip(-1)]), torch.cat([y, y.flip(-1)])
