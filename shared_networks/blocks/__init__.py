@@ -5,6 +5,7 @@
 - ``scan_orders``: flatten feature maps to token sequences and back (raster, reversed, transposed, windows).
 - ``epa``: ``EPA`` (efficient paired attention) and ``EPABlock`` (UNETR++ transformer block).
 - ``nonlocal_attention``: ``RandomFeatureAttention`` (FAVOR+ positive random features, linear in tokens).
+- ``perspective``: ``BiPathResBlock`` (BPRB), ``ENLTransformerBlock`` (ENLTB), ``CrossScaleIntegrator`` (SCSI).
 """
 
 import importlib
@@ -18,6 +19,9 @@ _LAZY = {
     "EPA": "epa",
     "EPABlock": "epa",
     "RandomFeatureAttention": "nonlocal_attention",
+    "BiPathResBlock": "perspective",
+    "ENLTransformerBlock": "perspective",
+    "CrossScaleIntegrator": "perspective",
 }
 
 __all__ = list(_LAZY)
