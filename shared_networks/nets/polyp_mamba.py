@@ -28,8 +28,8 @@ Decisions (the spec's [DECIDE] points; the paper PDF was not available, so each 
 2. Skip fusion: VM-UNet's addition (``skip_fusion="add"``): before decoder stage j > 0 the *input* of encoder stage
    4 - j is added (768@H/32, 384@H/16, 192@H/8); the 96@H/4 patch-embedding feature is not used (VM-UNet quirk,
    kept for faithfulness and for checkpoint compatibility). ``skip_fusion="concat"`` gives the Swin-UNet
-   alternative: after each PatchExpand, concatenate the input of the encoder stage at that scale (192@H/8 ...
-   96@H/4 patch embedding) and reduce with Linear(2C -> C).
+   alternative: after each PatchExpand, concatenate the input of the encoder stage at that scale (384@H/16,
+   192@H/8, then the 96@H/4 patch embedding) and reduce with Linear(2C -> C).
 3. SAS inputs: the encoder stage *outputs* (after their VSS blocks, before PatchMerging), so the last stage's
    processing is included.
 4. SAS pooling grid: the coarsest encoder grid H/32 (11x11 at 352x352; TopFormer would pool one level lower).
@@ -513,8 +513,9 @@ class PolypMamba(nn.Module):
     ) -> dict[str, list[str]]:
         """Initialise from a local VMamba v0 (ImageNet classification) or VM-UNet checkpoint; nothing is downloaded.
 
-        Accepted files (read with ``torch.load(weights_only=True)``; the weights may sit under ``model`` /
-        ``state_dict``; ``module.`` and VM-UNet's ``vmunet.`` prefixes are stripped):
+        Accepted files (read with ``torch.load(weights_only=True)``; the weights may sit under ``model``,
+        ``model_state_dict`` (VM-UNet's training checkpoints) or ``state_dict``; ``module.`` and VM-UNet's
+        ``vmunet.`` prefixes are stripped):
 
         - VMamba v0 classification weights (keys ``patch_embed.proj.weight``, ``layers.{i}.blocks.{j}.ln_1.weight``,
           ``layers.{i}.blocks.{j}.self_attention.{in_proj,conv2d,x_proj_weight,dt_projs_weight,dt_projs_bias,A_logs,
@@ -549,7 +550,7 @@ class PolypMamba(nn.Module):
 
             source = os.fspath(checkpoint)
             try:
-                given = load_checkpoint_file(source, key_candidates=("model", "state_dict", "model_ema", "net"))
+                given = load_checkpoint_file(source, key_candidates=("model", "model_state_dict", "state_dict", "model_ema", "net"))
             except ValueError as e:
                 raise ValueError(
                     f"{e} If this is a trusted VMamba training checkpoint holding other objects (e.g. its config), "
