@@ -219,7 +219,7 @@ class EPABlock(nn.Module):
 
         # Registration order mirrors the official module so that state-dict key order matches too.
         self.norm = nn.LayerNorm(hidden_size)
-        self.gamma = nn.Parameter(1e-6 * torch.ones(hidden_size))  # layer scale: start close to the identity
+        self.gamma = nn.Parameter(torch.full((hidden_size,), 1e-6))  # layer scale: start close to the identity
         self.epa_block = EPA(
             input_size=input_size,
             hidden_size=hidden_size,
