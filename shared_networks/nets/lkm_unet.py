@@ -550,6 +550,8 @@ class LKMUNet(nn.Module):
             window_grouping=window_grouping, scan_axes=list(self.scan_axes), deep_supervision=deep_supervision,
             conv_bias=conv_bias, norm_name=norm_name, act_name=act_name, d_state=d_state, d_conv=d_conv, expand=expand,
         )
+        name = norm_name[0] if isinstance(norm_name, (tuple, list)) else norm_name
+        self._instance_norm = str(name).lower().startswith("instance")
         mamba_kw = dict(d_state=d_state, d_conv=d_conv, expand=expand)
         self.encoder = _Encoder(spatial_dims, in_channels, features, kernels, strides_, n_enc, conv_bias, norm_name,
                                 act_name, windows, pools, window_grouping, self.scan_axes, mamba_kw)
@@ -592,6 +594,11 @@ class LKMUNet(nn.Module):
     def forward(self, x: torch.Tensor):
         check_input(x, name="LKMUNet", in_channels=self.in_channels, spatial_dims=self.spatial_dims,
                     divisible_by=self.divisible_by)
+        if self._instance_norm and all(s == d for s, d in zip(x.shape[2:], self.divisible_by)):
+            raise ValueError(
+                f"LKMUNet: spatial size {tuple(x.shape[2:])} leaves a single voxel at the bottleneck, which instance "
+                f"normalisation cannot normalise; use at least twice {self.divisible_by} along one axis."
+            )
         all_levels = self.deep_supervision and self.training
         outs = self.decoder(self.encoder(x), all_levels)
         return outs if all_levels else outs[0]
