@@ -17,6 +17,16 @@ import shared_networks.nets.unetr_pp as unetr_pp_module
 from shared_networks.blocks import EPA, EPABlock
 from shared_networks.nets import UNETRPP
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These small CPU workloads gain little from a second thread but slow down many times over when several
+    processes share the cores (measured here: 61 s vs 450 s for both UNETR++ test files); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # reference_numbers.md §1 (official classes, measured)
 OFFICIAL = {
     # variant: (in_channels, K, official (z, y, x) ROI, params with DS, FLOPs FCM in G, whole encoder params)

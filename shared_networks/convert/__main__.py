@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m shared_networks.convert ARCH OFFICIAL_FILE OUT_FILE [--layout official|monai] [--overwrite] [--key value ...]
+    python -m shared_networks.convert ARCH OFFICIAL_FILE OUT_FILE [--layout official|monai] [--overwrite]
+                                      [--key value ...]
 
 Every ``--key value`` pair other than ``--layout``/``--overwrite`` is passed to the architecture's
 ``from_official`` as an official constructor argument; values are read as Python literals when they parse
@@ -126,14 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     os.close(fd)
     try:
         torch.save(net.state_dict(), tmp)
-        os.replace(tmp, args.out_file)
+        if args.overwrite:
+            os.replace(tmp, args.out_file)
+        else:
+            try:  # a hard link never replaces a file that appeared in the meantime
+                os.link(tmp, args.out_file)
+            except FileExistsError:
+                print(f"error: {args.out_file} exists; pass --overwrite to replace it.", file=sys.stderr)
+                return 2
+            except OSError:  # no hard links on this file system
+                os.replace(tmp, args.out_file)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
     cls = type(net)
-    target = f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" if cls.__module__.startswith("shared_networks.nets.") \
-        else f"{cls.__module__}.{cls.__name__}"
+    module = cls.__module__
+    if module.startswith("shared_networks.nets."):  # the public path: shared_networks.nets.UNETRPP
+        module = "shared_networks.nets"
+    target = f"{module}.{cls.__name__}"
     n_params = sum(p.numel() for p in net.parameters())
     print(f"wrote {args.out_file} ({len(net.state_dict())} tensors, {n_params:,} parameters, layout={args.layout})")
     print("network definition for the bundle config:")
