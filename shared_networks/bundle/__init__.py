@@ -10,6 +10,7 @@ Dataset layout (every bundle): ``dataset_dir/imagesTr/<case>.<ext>`` + ``dataset
   :func:`attach_resume`, :class:`BestModelSaver`, :class:`ClassMetricsSaver`, :class:`LossProgressBar`,
   :func:`rank_zero_handlers`
 - export: :func:`shared_networks.bundle.export.export_network` (``python -m shared_networks.bundle.export``)
+- :func:`as_bool`: command-line flags (``--resume false``) read as booleans
 - :data:`META_SCHEMA`: path of the shipped copy of the Model Zoo metadata schema ``meta_schema_20240725.json``
 """
 
@@ -27,6 +28,7 @@ from .handlers import (
     rank_zero_handlers,
 )
 from .transforms import SafeLoadImaged, SafeSaveImaged, ValidateImaged, ValidateLabeld, check_output_dir
+from .utils import as_bool
 
 #: Model Zoo metadata schema 20240725 (verbatim copy, md5 06954cad2cc5d3784e72077ac76f0fc8) for offline checks.
 META_SCHEMA = os.path.join(os.path.dirname(__file__), "meta_schema_20240725.json")
@@ -55,4 +57,5 @@ __all__ = [
     "ClassMetricsSaver",
     "LossProgressBar",
     "rank_zero_handlers",
+    "as_bool",
 ]

@@ -29,6 +29,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import string_list_all_gather
 
 from ..convert._common import check_state_dict, strip_prefix
+from .utils import as_bool
 
 __all__ = [
     "load_checkpoint",
@@ -154,12 +155,17 @@ def attach_resume(
     without one it starts from scratch. Returns ``trainer``.
     """
     objects = dict(objects)
+    resume = as_bool(resume)
+    saver = None
     if idist.get_rank() == 0:
+        # include_self: the saver's own list of written files is checkpointed too, so after a resume it still
+        # rotates (deletes) the files of the interrupted run.
         saver = Checkpoint(
             objects,
             DiskSaver(ckpt_dir, create_dir=True, require_empty=False),
             n_saved=n_saved,
             global_step_transform=lambda engine, _event: engine.state.epoch,
+            include_self=True,
         )
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=max(1, int(save_interval))), saver)
 
@@ -175,7 +181,15 @@ def attach_resume(
         net = objects.get("model")
         device = next(_unwrap(net).parameters()).device if isinstance(net, torch.nn.Module) else "cpu"
         prior_max_epochs = engine.state.max_epochs
-        load_checkpoint(path, objects, map_location=device)
+        to_load = dict(objects)
+        if saver is not None:
+            to_load["checkpointer"] = saver
+        try:
+            load_checkpoint(path, to_load, map_location=device)
+        except ValueError as e:
+            raise ValueError(
+                f"cannot resume from {path}: {e} Pass --resume False (or remove {ckpt_dir}) to train from scratch."
+            ) from None
         if engine.state.epoch >= prior_max_epochs:
             engine.logger.warning(
                 f"Checkpoint {path} is already at epoch {engine.state.epoch} >= max_epochs {prior_max_epochs}: "

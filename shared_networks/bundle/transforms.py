@@ -17,6 +17,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, SaveImaged
 
+from .utils import as_bool
+
 __all__ = ["SafeLoadImaged", "ValidateImaged", "ValidateLabeld", "SafeSaveImaged", "check_output_dir", "source_name"]
 
 
@@ -193,7 +195,7 @@ class SafeSaveImaged(SaveImaged):
 
     def __init__(self, *args, overwrite: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.overwrite = bool(overwrite)
+        self.overwrite = as_bool(overwrite)
 
     def _target(self, img, meta_data) -> str:
         saver = self.saver
@@ -220,7 +222,7 @@ class SafeSaveImaged(SaveImaged):
             if os.path.exists(target) and not self.overwrite:
                 raise FileExistsError(
                     f"{target} already exists; it is not overwritten. Choose another --output_dir, delete the file, "
-                    "or pass --overwrite true."
+                    "or pass --overwrite True."
                 )
         return super().__call__(d)
 

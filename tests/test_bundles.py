@@ -1,0 +1,236 @@
+"""The MONAI Model Zoo's checks, written once and run for every bundle folder in bundles/.
+
+What a bundle needs for these tests (all derived from its files, nothing bundle-specific here):
+
+- ``LICENSE``, ``configs/{metadata.json, train.json, evaluate.json, inference.json, logging.conf}``,
+  ``docs/README.md``;
+- ``metadata.json`` on the 20240725 schema; ``network_data_format`` input ``image`` / output ``pred``;
+  ``data_type`` ("nibabel", "png", "jpg", "tiff") picks the synthetic files' format; ``export_formats`` lists what
+  the network exports to ("torchscript" = ``torch.jit.script`` via MONAI's ``ckpt_export``, "torchscript_trace",
+  "torch_export"); without "torchscript" the README must say the network "cannot be scripted";
+- train / inference configs with the zoo's ids and the project's shared ids (``dataset_dir``, ``output_dir``,
+  ``device``, ``roi_size``; optional ``num_workers``, ``cache_rate``, ``progress_bar``, ``val_interval``,
+  ``batch_size``, ``num_samples``), and the project's dataset layout (``shared_networks.bundle.data``);
+- optionally ``configs/reduced.json``: an overlay with a smaller network / ROI used for the one-iteration runs and
+  exports (the full configuration is still checked for properties and input/output shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLES_DIR, bundle_names, make_synthetic_dataset, read_meta, tree_hashes
+
+import shared_networks
+from shared_networks.bundle import META_SCHEMA, META_SCHEMA_URL
+
+BUNDLES = bundle_names()
+pytestmark = pytest.mark.skipif(not BUNDLES, reason="no bundles under bundles/")
+
+META_SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+EXPORT_FORMATS = {"torchscript", "torchscript_trace", "torch_export", "onnx"}
+
+
+def _cfg(bundle: str, *names: str) -> list[str]:
+    return [str(BUNDLES_DIR / bundle / "configs" / n) for n in names]
+
+
+def _has_reduced(bundle: str) -> bool:
+    return (BUNDLES_DIR / bundle / "configs" / "reduced.json").is_file()
+
+
+def _workflow(bundle: str, configs: list[str], workflow_type: str, **override):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=configs,
+        meta_file=str(BUNDLES_DIR / bundle / "configs" / "metadata.json"),
+        logging_file=str(BUNDLES_DIR / bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        **override,
+    )
+
+
+def _train_overrides(bundle: str, configs: list[str], root: Path, dataset: Path) -> dict:
+    """Overrides for a tiny CPU run; optional ids only where the bundle defines them."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    ov = {
+        "bundle_root": str(root),
+        "dataset_dir": str(dataset),
+        "output_dir": str(root / "eval"),
+        "device": "cpu",
+        "train#trainer#max_epochs": 1,
+    }
+    optional = {"num_workers": 0, "cache_rate": 0.0, "progress_bar": False, "val_interval": 1, "batch_size": 1,
+                "num_samples": 1, "sw_batch_size": 1}
+    ov.update({k: v for k, v in optional.items() if k in parser})
+    return ov
+
+
+def _tiny_shape(meta: dict) -> list[int]:
+    shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    return [max(16, int(s) // 4) if not isinstance(s, str) else 32 for s in shape]
+
+
+@pytest.fixture(params=BUNDLES)
+def bundle(request) -> str:
+    return request.param
+
+
+def test_required_files(bundle):
+    root = BUNDLES_DIR / bundle
+    for rel in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
+                "configs/evaluate.json", "configs/logging.conf", "docs/README.md"):
+        assert (root / rel).is_file(), f"{bundle}: missing {rel}"
+    assert "Apache License" in (root / "LICENSE").read_text() or len((root / "LICENSE").read_text()) > 200
+    # zoo rule: no personal paths, configs parse as JSON
+    for cfg in (root / "configs").glob("*.json"):
+        text = cfg.read_text()
+        json.loads(text)
+        assert not re.search(r"/home/|/Users/|/work/", text), f"{cfg}: personal/absolute path"
+    assert not (root / "models" / "model.pt").is_file() or os.path.getsize(root / "models" / "model.pt") < 25e6
+
+
+def test_metadata(bundle, tmp_path):
+    from monai.bundle import verify_metadata
+
+    meta = read_meta(bundle)
+    # offline: the schema copy is placed where the zoo's CI puts the downloaded one
+    schema = tmp_path / "eval" / "schema.json"
+    schema.parent.mkdir()
+    shutil.copyfile(META_SCHEMA, schema)
+    verify_metadata(
+        meta_file=str(BUNDLES_DIR / bundle / "configs" / "metadata.json"), filepath=str(schema),
+        hash_val=META_SCHEMA_MD5,
+    )
+    assert meta["schema"] == META_SCHEMA_URL
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
+    assert meta["version"] in meta["changelog"], "the changelog must have an entry for the current version"
+    assert list(meta["changelog"])[0] == meta["version"], "newest changelog entry first"
+    assert meta["required_packages_version"]["shared-networks"] == shared_networks.__version__
+    fmt = meta["network_data_format"]
+    assert list(fmt["inputs"])[0] == "image" and list(fmt["outputs"])[0] == "pred"  # MONAI Label / verify_net_in_out
+    pred = fmt["outputs"]["pred"]
+    assert sorted(int(k) for k in pred["channel_def"]) == list(range(pred["num_channels"]))
+    assert pred["channel_def"]["0"] == "background"
+    assert fmt["inputs"]["image"]["is_patch_data"] is True
+    assert set(meta.get("export_formats", [])) <= EXPORT_FORMATS and meta.get("export_formats")
+    assert "#" not in meta.get("data_source", ""), "'#' in strings is rewritten by the config parser"
+
+
+def test_config_properties(bundle, tmp_path):
+    """ConfigWorkflow.check_properties() is empty for train, train+evaluate (checked as train, as the zoo does) and
+    infer, on the full configuration."""
+    meta = read_meta(bundle)
+    ds = make_synthetic_dataset(tmp_path / "ds", meta, _tiny_shape(meta), n_train=2, n_test=1)
+    for configs, wtype in (
+        (_cfg(bundle, "train.json"), "train"),
+        (_cfg(bundle, "train.json", "evaluate.json"), "train"),
+        (_cfg(bundle, "inference.json"), "infer"),
+    ):
+        if wtype == "train":
+            ov = _train_overrides(bundle, configs, tmp_path / "root", ds)
+        else:  # no trained weights exist: skip the initialize list (it loads models/model.pt)
+            ov = {"bundle_root": str(tmp_path / "root"), "dataset_dir": str(ds), "output_dir": str(tmp_path / "out"),
+                  "device": "cpu", "initialize": []}
+        wf = _workflow(bundle, configs, wtype, **ov)
+        wf.initialize()
+        assert wf.check_properties() == [], f"{bundle} {[Path(c).name for c in configs]}"
+        # MONAI Label needs these ids as well
+        if wtype == "train":
+            for key in ("network", "train#handlers", "validate#dataset", "run"):
+                assert key in wf.parser, f"{bundle}: train config lacks {key!r} (MONAI Label)"
+        else:
+            for key in ("preprocessing", "postprocessing", "inferer", "network_def", "output_dir"):
+                assert key in wf.parser, f"{bundle}: inference config lacks {key!r}"
+
+
+def test_net_in_out(bundle):
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(BUNDLES_DIR / bundle / "configs" / "metadata.json"),
+        config_file=str(BUNDLES_DIR / bundle / "configs" / "inference.json"),
+        bundle_root=str(BUNDLES_DIR / bundle),
+        device="cpu",
+    )
+
+
+def test_train_evaluate_infer_export(bundle, tmp_path):
+    """One training iteration, evaluation of the saved model, inference on an unseen image (inputs untouched, output
+    has the input's size), and export in every format the metadata declares."""
+    import nibabel as nib
+    from monai.data import MetaTensor  # noqa: F401  (import check: MONAI data stack available)
+
+    meta = read_meta(bundle)
+    extra = ["reduced.json"] if _has_reduced(bundle) else []
+    ds = make_synthetic_dataset(tmp_path / "ds", meta, _tiny_shape(meta), n_train=2, n_test=1)
+    before = tree_hashes(ds)
+    root = tmp_path / "root"
+
+    cfgs = _cfg(bundle, "train.json", *extra)
+    wf = _workflow(bundle, cfgs, "train", **_train_overrides(bundle, cfgs, root, ds))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    assert wf.parser.get_parsed_content("train#trainer").state.iteration >= 1
+    assert (root / "models" / "model.pt").is_file(), "train.json must save models/model.pt"
+
+    cfgs = _cfg(bundle, "train.json", "evaluate.json", *extra)
+    wf = _workflow(bundle, cfgs, "train", **_train_overrides(bundle, cfgs, root, ds))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    names = set(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) - {"background"}
+    per_class = next(iter(metrics["per_class"].values()))
+    assert names <= set(per_class), "evaluate.json must report every class by name"
+
+    cfgs = _cfg(bundle, "inference.json", *extra)
+    out = tmp_path / "out"
+    wf = _workflow(bundle, cfgs, "infer", bundle_root=str(root), dataset_dir=str(ds), output_dir=str(out),
+                   device="cpu", **({"num_workers": 0} if "num_workers" in json.load(open(cfgs[0])) else {}))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    outputs = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(outputs) == 1, outputs
+    assert tree_hashes(ds) == before, "inference modified the dataset"
+    src = next((ds / "imagesTs").iterdir())
+    if src.name.endswith((".nii", ".nii.gz")):
+        assert nib.load(str(outputs[0])).shape[:3] == nib.load(str(src)).shape[:3]
+
+    formats = meta["export_formats"]
+    if "torchscript" not in formats:
+        readme = (BUNDLES_DIR / bundle / "docs" / "README.md").read_text()
+        assert "cannot be scripted" in readme, "say in docs/README.md that the network cannot be scripted"
+    override_cfgs = _cfg(bundle, "inference.json", *extra)
+    roi = None
+    if extra:
+        roi = json.loads((BUNDLES_DIR / bundle / "configs" / "reduced.json").read_text()).get("roi_size")
+    for fmt in formats:
+        if fmt == "torchscript":
+            from monai.bundle import ckpt_export
+
+            ts = tmp_path / "model.ts"
+            ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(root / "models" / "model.pt"),
+                        meta_file=str(BUNDLES_DIR / bundle / "configs" / "metadata.json"),
+                        config_file=override_cfgs, bundle_root=str(root))
+            assert torch.jit.load(str(ts)) is not None
+        elif fmt in ("torchscript_trace", "torch_export"):
+            from shared_networks.bundle.export import export_network
+
+            path = export_network(str(BUNDLES_DIR / bundle), fmt, filepath=str(tmp_path / f"model_{fmt}"),
+                                  ckpt_file=str(root / "models" / "model.pt"), config_file=override_cfgs,
+                                  spatial_shape=roi)
+            assert os.path.isfile(path)

@@ -1,0 +1,365 @@
+"""UNETR++ BTCV bundle on real data and on bad input.
+
+- learns: the reduced configuration (configs/reduced.json) trains from scratch on the demo CT through ConfigWorkflow
+  until the liver Dice exceeds 0.9, and the loss falls;
+- multi_gpu_train.json runs under torchrun with 2 CPU processes (gloo);
+- a training killed with SIGKILL after its first checkpoint resumes from that checkpoint;
+- bad input (wrong channel count, NaN, missing / corrupt file, image without label, bad label ids, another network's
+  checkpoint) fails with a message naming the file and what was expected; a small image is padded, not refused;
+  inference never modifies the inputs and never overwrites an existing file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLES_DIR, REPO, make_synthetic_dataset, read_meta, tree_hashes
+
+BUNDLE = BUNDLES_DIR / "unetr_pp_btcv_ct_segmentation"
+CONFIGS = BUNDLE / "configs"
+LIVER = 6
+
+# Settings for fast overfitting on one CT (CPU): no augmentation, one 96x96x32 patch per step, AdamW.
+FAST_TRAIN = {
+    "augment": False,
+    "num_samples": 1,
+    "batch_size": 1,
+    "num_workers": 0,
+    "progress_bar": False,
+    "device": "cpu",
+    "optimizer": {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()", "lr": 0.003},
+}
+
+
+def _cfg(*names: str) -> list[str]:
+    return [str(CONFIGS / n) for n in names]
+
+
+def _workflow(configs, workflow_type="train", **override):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=configs,
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type,
+        **override,
+    )
+
+
+def _chain(exc: BaseException) -> str:
+    """Messages of an exception and its causes (MONAI wraps transform errors in RuntimeError)."""
+    parts = []
+    while exc is not None:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def _save_nifti(path: Path, array, spacing=(3.0, 3.0, 3.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning on real data
+
+
+def test_reduced_unetr_pp_learns_liver_on_demo_ct(demo_ct_dataset, tmp_path):
+    from ignite.engine import Events
+
+    root = tmp_path / "root"
+    wf = _workflow(
+        _cfg("train.json", "reduced.json"),
+        bundle_root=str(root),
+        dataset_dir=str(demo_ct_dataset),
+        cache_rate=1.0,
+        val_interval=10,
+        resume=False,
+        **{"train#trainer#max_epochs": 150},
+        **FAST_TRAIN,
+    )
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    losses, history = [], []
+    start = time.time()
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _loss(engine):
+        losses.append(float(engine.state.output[0]["loss"]))
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _stop_when_learned(engine):
+        # metric_details: (images, classes without background); liver is class 6 -> column 5
+        liver = float(engine.state.metric_details["val_mean_dice"][0, LIVER - 1])
+        history.append((trainer.state.iteration, round(liver, 3), round(time.time() - start)))
+        if liver > 0.9:
+            trainer.terminate()
+
+    wf.run()
+    wf.finalize()
+    print(f"\nliver Dice by iteration (iteration, dice, seconds): {history}")
+    assert history and history[-1][1] > 0.9, f"liver Dice did not pass 0.9: {history}"
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), "training loss did not fall"
+    assert (root / "models" / "model.pt").is_file()
+
+    # the saved best model segments the liver through inference.json as well
+    out = tmp_path / "out"
+    inf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
+                    dataset_dir=str(demo_ct_dataset / "imagesTr"), output_dir=str(out), device="cpu", num_workers=0)
+    inf.initialize()
+    inf.run()
+    inf.finalize()
+    seg = nib.load(str(out / "ct_seg.nii.gz")).get_fdata()
+    ref = nib.load(str(demo_ct_dataset / "labelsTr" / "ct.nii.gz")).get_fdata()
+    assert seg.shape == ref.shape
+    a, b = seg == LIVER, ref == LIVER
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert dice > 0.85, f"liver Dice of the saved model through inference.json: {dice:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi-process training and resume
+
+
+def _tiny_dataset(tmp_path, n_train=2, n_test=0, shape=(24, 24, 12)):
+    return make_synthetic_dataset(tmp_path / "ds", read_meta(BUNDLE), list(shape), n_train=n_train, n_test=n_test)
+
+
+def _cli_overrides(root: Path, ds: Path, **extra) -> list[str]:
+    ov = {"bundle_root": str(root), "dataset_dir": str(ds), "num_workers": 0, "progress_bar": False,
+          "augment": False, "num_samples": 1, "cache_rate": 0.0, **extra}
+    args = []
+    for k, v in ov.items():
+        args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return args
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_multi_gpu_config_runs_under_torchrun_on_cpu(tmp_path):
+    ds = _tiny_dataset(tmp_path, n_train=4)
+    root = tmp_path / "root"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run",
+           "--config_file", str(_cfg("train.json", "multi_gpu_train.json", "reduced.json")),
+           "--logging_file", str(CONFIGS / "logging.conf"),
+           *_cli_overrides(root, ds, val_fraction=0.5, val_interval=1, **{"train#trainer#max_epochs": 1})]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert (root / "models" / "model.pt").is_file(), log[-2000:]
+    ckpts = list((root / "models" / "checkpoints").glob("checkpoint_*.pt"))
+    assert len(ckpts) == 1, ckpts
+    state = torch.load(ckpts[0], weights_only=True)
+    assert state["trainer"]["epoch"] == 1
+    assert not any(k.startswith("module.") for k in state["model"]), "DDP prefix must not reach the checkpoint"
+
+
+def test_killed_training_resumes_from_last_checkpoint(tmp_path):
+    from ignite.engine import Events
+
+    ds = _tiny_dataset(tmp_path, n_train=1)
+    root = tmp_path / "root"
+    ckpt_dir = root / "models" / "checkpoints"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(_cfg("train.json", "reduced.json")),
+           "--logging_file", str(CONFIGS / "logging.conf"),
+           *_cli_overrides(root, ds, val_interval=1000, **{"train#trainer#max_epochs": 1000})]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not list(ckpt_dir.glob("checkpoint_*.pt")):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert list(ckpt_dir.glob("checkpoint_*.pt")), "no checkpoint appeared"
+        time.sleep(1.0)  # let it get into the next epoch before the kill
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ckpts = sorted(ckpt_dir.glob("checkpoint_*.pt"), key=os.path.getmtime)
+    saved = torch.load(ckpts[-1], weights_only=True)
+    saved_epoch, saved_iter = saved["trainer"]["epoch"], saved["trainer"]["iteration"]
+    assert saved_epoch >= 1 and saved["optimizer"]["state"], "checkpoint must hold trainer and optimizer state"
+
+    wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), num_workers=0,
+                   progress_bar=False, augment=False, num_samples=1, cache_rate=0.0, val_interval=1000,
+                   **{"train#trainer#max_epochs": saved_epoch + 1})
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    optimizer = wf.parser.get_parsed_content("optimizer")
+    network = wf.parser.get_parsed_content("network")
+    seen = {}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _first_epoch(engine):
+        seen.setdefault("epoch", engine.state.epoch)
+        seen.setdefault("iteration", engine.state.iteration)
+        seen.setdefault("optimizer_state", bool(optimizer.state))
+        w = saved["model"]["out1.conv.conv.weight"]
+        seen.setdefault("weights_restored", torch.equal(network.state_dict()["out1.conv.conv.weight"], w))
+
+    wf.run()
+    wf.finalize()
+    assert seen["epoch"] == saved_epoch + 1, f"resumed at epoch {seen['epoch']}, checkpoint was {saved_epoch}"
+    assert seen["iteration"] == saved_iter
+    assert seen["optimizer_state"] and seen["weights_restored"]
+    assert trainer.state.epoch == saved_epoch + 1
+
+    # --resume False starts over
+    wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), num_workers=0,
+                   progress_bar=False, augment=False, num_samples=1, cache_rate=0.0, val_interval=1000,
+                   resume=False, **{"train#trainer#max_epochs": 1})
+    wf.initialize()
+    wf.run()
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.fixture
+def infer_setup(tmp_path):
+    """A bundle_root with a (random) reduced model.pt, and a runner for inference.json + reduced.json."""
+    from shared_networks.bundle.export import build_network
+
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    net = build_network(str(BUNDLE), _cfg("inference.json", "reduced.json"))
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+
+    def run(dataset_dir, output_dir=None, **override):
+        wf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
+                       dataset_dir=str(dataset_dir), output_dir=str(output_dir or tmp_path / "out"), device="cpu",
+                       num_workers=0, **override)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+
+    return root, run
+
+
+def test_small_image_is_padded_and_inputs_untouched(infer_setup, tmp_path):
+    _, run = infer_setup
+    img = tmp_path / "scans" / "small.nii.gz"
+    _save_nifti(img, np.random.default_rng(0).normal(0, 100, (20, 17, 7)).astype(np.int16))
+    before = tree_hashes(img.parent)
+    run(img.parent, tmp_path / "out")
+    seg = nib.load(str(tmp_path / "out" / "small_seg.nii.gz"))
+    assert seg.shape == (20, 17, 7)
+    assert np.allclose(seg.affine, nib.load(str(img)).affine, atol=1e-4)
+    assert tree_hashes(img.parent) == before
+
+    # a second run never overwrites the first result...
+    mtime = os.path.getmtime(tmp_path / "out" / "small_seg.nii.gz")
+    with pytest.raises(Exception) as e:
+        run(img.parent, tmp_path / "out")
+    assert "already exists" in _chain(e.value)
+    assert os.path.getmtime(tmp_path / "out" / "small_seg.nii.gz") == mtime
+    # ...unless asked to
+    run(img.parent, tmp_path / "out", overwrite=True)
+    # and never writes into the input folder
+    with pytest.raises(Exception) as e:
+        run(img.parent, img.parent)
+    assert "folder of the input" in _chain(e.value)
+    assert tree_hashes(img.parent) == before
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("two_channels", "expected 1 channel"),
+        ("nan", "NaN"),
+        ("corrupt", "could not read"),
+        ("missing", "not found"),
+    ],
+)
+def test_bad_images_get_clear_errors(infer_setup, tmp_path, case, expected):
+    _, run = infer_setup
+    scans = tmp_path / "scans"
+    path = scans / "scan.nii.gz"
+    if case == "two_channels":
+        _save_nifti(path, np.zeros((16, 16, 8, 2), np.float32))
+    elif case == "nan":
+        arr = np.zeros((16, 16, 8), np.float32)
+        arr[3, 4, 5] = np.nan
+        _save_nifti(path, arr)
+    elif case == "corrupt":
+        scans.mkdir(parents=True)
+        path.write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    if case == "missing":
+        scans.mkdir(parents=True)
+        override = {"datalist": [str(scans / "gone.nii.gz")]}
+    else:
+        override = {}
+    before = tree_hashes(scans)
+    with pytest.raises(Exception) as e:
+        run(scans, tmp_path / "out", **override)
+    text = _chain(e.value)
+    assert expected in text, text
+    assert ("gone.nii.gz" if case == "missing" else "scan.nii.gz") in text, "the message must name the file"
+    assert tree_hashes(scans) == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_checkpoint_of_another_network_is_refused(infer_setup, tmp_path):
+    from monai.networks.nets import UNet
+
+    root, run = infer_setup
+    scans = tmp_path / "scans"
+    _save_nifti(scans / "scan.nii.gz", np.zeros((16, 16, 8), np.int16))
+    other = UNet(3, 1, 14, channels=(8, 16), strides=(2,))
+    torch.save(other.state_dict(), root / "models" / "model.pt")
+    with pytest.raises(Exception) as e:
+        run(scans)
+    msg = _chain(e.value)
+    assert "missing keys" in msg and "unexpected keys" in msg and "another network" in msg
+    # the full configuration's weights do not fit the reduced one: misshapen keys are named
+    from shared_networks.bundle.export import build_network
+
+    torch.save(build_network(str(BUNDLE)).state_dict(), root / "models" / "model.pt")
+    with pytest.raises(Exception) as e:
+        run(scans)
+    assert "misshapen keys" in _chain(e.value)
+
+
+def test_training_data_errors(tmp_path):
+    from shared_networks.bundle import load_datalist
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_datalist(str(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "imagesTr").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no image files"):
+        load_datalist(str(tmp_path / "empty"))
+    ds = _tiny_dataset(tmp_path, n_train=2)
+    os.remove(ds / "labelsTr" / "case001.nii.gz")
+    with pytest.raises(ValueError, match="case001.nii.gz"):
+        load_datalist(str(ds))
+
+    # label ids outside 0..13 are refused by name when the training data are loaded
+    ds2 = make_synthetic_dataset(tmp_path / "ds2", read_meta(BUNDLE), [24, 24, 12], n_train=1, n_test=0)
+    lbl = ds2 / "labelsTr" / "case000.nii.gz"
+    _save_nifti(lbl, np.full((24, 24, 12), 20, np.uint8), spacing=(1.5, 1.5, 1.5))
+    wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(tmp_path / "root"), dataset_dir=str(ds2),
+                   num_workers=0, cache_rate=0.0, progress_bar=False, **{"train#trainer#max_epochs": 1})
+    wf.initialize()
+    with pytest.raises(Exception) as e:
+        wf.run()
+    text = _chain(e.value)
+    assert "outside 0..13" in text and "case000.nii.gz" in text, text
