@@ -7,21 +7,35 @@ Recurrence, per batch b, channel d, state n (h_0 = 0)::
     y_t   = sum_n C_t[n] * h_t[n] + D[d] * u_t
     y_t   = y_t * silu(z_t)                          (optional)
 
-Shapes: u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, G, N, L) with dim % G == 0
+Shapes: u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (batch, G, N, L) with dim % G == 0
 (channel d uses group d // (dim // G)); D, delta_bias: (dim,). Returns y (batch, dim, L) in u's dtype, and the last
-state (batch, dim, N) with ``return_last_state=True``.
+state (batch, dim, N) with ``return_last_state=True`` (float32, or float64 for float64 input on the torch/ref
+backends). This is ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``'s contract (the simplified
+``delta * B`` discretisation of B, as in the CUDA kernel). Every backend is differentiable with respect to all
+tensor inputs, the returned last state included.
 
 Backends:
-    ``"cuda"``  mamba-ssm's kernel (only when mamba_ssm imports and the tensors are on CUDA),
-    ``"ref"``   the plain step loop below (ground truth for tests; slow).
-The backend is chosen per call: ``auto`` takes cuda for CUDA tensors when available, otherwise the fastest
-pure-PyTorch/CPU path. Force one with the environment variable ``SHARED_NETWORKS_SCAN_BACKEND`` or the
-``use_backend(name)`` context manager; ``get_backend(u)`` tells which one a call with ``u`` would use.
+    ``"cuda"``   mamba-ssm's kernel (only when mamba_ssm imports and the tensors are on CUDA; not float64).
+    ``"cpu"``    fused numba kernels for the forward and the backward pass (:mod:`._numba_scan`): float32 in and
+                 out (float16/bfloat16 are upcast, float64 is rounded to float32), float64 inside. Needs numba.
+    ``"torch"``  pure PyTorch, any device and dtype, autograd: a two-level scan over chunks of ~sqrt(L/2) steps
+                 (a step loop inside the chunks, all chunks at once, then a loop over the chunk boundaries), so
+                 ~3*sqrt(L/2) Python iterations instead of L. Only products of decays are formed (never a division
+                 by a cumulative product), so it is as stable as the step loop.
+    ``"ref"``    the plain step loop below (ground truth for tests; slow).
+
+``auto`` (the default) picks, per call: ``cuda`` for CUDA float32/16/bf16 tensors when mamba-ssm is installed;
+``cpu`` for CPU float32/16/bf16 tensors when numba imports; ``torch`` otherwise (float64, other devices, no
+numba). Force one with the environment variable ``SHARED_NETWORKS_SCAN_BACKEND`` (read at every call) or the
+``use_backend(name)`` context manager (which wins over the variable); ``get_backend(u)`` tells which one a call
+with ``u`` would use and ``available_backends()`` lists the ones usable in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import threading
 
@@ -29,61 +43,100 @@ import torch
 import torch.nn.functional as F
 
 _ENV = "SHARED_NETWORKS_SCAN_BACKEND"
+_NAMES = ("cuda", "cpu", "torch", "ref")
 _state = threading.local()
+_log = logging.getLogger(__name__)
 
 try:  # the CUDA kernels: mamba_ssm cannot even be imported without them
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan_fn  # type: ignore
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _mamba_scan_fn = None
 
+_numba_mod = None  # the kernel module once imported; False if numba is unusable here
+_numba_lock = threading.Lock()  # numba's workqueue/omp layers must not be entered from two threads at once
+
+
+def _numba():
+    """Import the numba kernels lazily (numba's import costs ~0.5 s); ``None`` if numba is unusable."""
+    global _numba_mod
+    if _numba_mod is None:
+        try:
+            from . import _numba_scan
+
+            _numba_mod = _numba_scan
+        except Exception as err:  # noqa: BLE001 - missing or broken numba: fall back to the torch backend
+            _log.debug("selective_scan: numba backend unavailable (%s); using the torch backend on CPU.", err)
+            _numba_mod = False
+    return _numba_mod or None
+
 
 def available_backends() -> list[str]:
-    names = ["ref"]
+    """Backends usable in this process (for some inputs), fastest first."""
+    names = []
     if _mamba_scan_fn is not None:
-        names.insert(0, "cuda")
-    return names
+        names.append("cuda")
+    if _numba() is not None:
+        names.append("cpu")
+    return names + ["torch", "ref"]
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend inside a ``with`` block (``None`` or ``"auto"`` restores automatic choice)."""
-    if name not in (None, "auto") and name not in _ALL_BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {name!r}; choose from {sorted(_ALL_BACKENDS)} or 'auto'.")
+    """Force a backend inside a ``with`` block (``None`` or ``"auto"`` restores automatic choice).
+
+    The setting is per thread and overrides ``SHARED_NETWORKS_SCAN_BACKEND``.
+    """
+    if name not in (None, "auto") and name not in _NAMES:
+        raise ValueError(f"unknown selective-scan backend {name!r}; choose from {list(_NAMES)} or 'auto'.")
     old = getattr(_state, "forced", None)
-    _state.forced = None if name == "auto" else name
+    _state.forced = "auto" if name is None else name
     try:
         yield
     finally:
         _state.forced = old
 
 
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def get_backend(u: torch.Tensor) -> str:
-    """The backend a call with input ``u`` uses under the current settings."""
-    forced = getattr(_state, "forced", None) or os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if forced != "auto":
-        if forced not in _ALL_BACKENDS:
-            raise ValueError(f"{_ENV}={forced!r} is not a selective-scan backend; choose from {sorted(_ALL_BACKENDS)}.")
-        if forced == "cuda" and (_mamba_scan_fn is None or not u.is_cuda):
-            raise RuntimeError("selective-scan backend 'cuda' needs mamba-ssm installed and CUDA tensors.")
+    """The backend a call with input ``u`` uses under the current settings (raises if a forced one cannot run)."""
+    forced = getattr(_state, "forced", None)
+    if forced is None:
+        forced = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+        if forced != "auto" and forced not in _NAMES:
+            raise ValueError(f"{_ENV}={forced!r} is not a selective-scan backend; choose from {list(_NAMES)} or 'auto'.")
+    if forced == "cuda":
+        if _mamba_scan_fn is None or not u.is_cuda or u.dtype == torch.float64:
+            raise RuntimeError(
+                "selective-scan backend 'cuda' needs mamba-ssm installed and CUDA float32/float16/bfloat16 tensors "
+                f"(got {u.dtype} on {u.device}, mamba-ssm {'importable' if _mamba_scan_fn else 'not importable'})."
+            )
         return forced
-    if u.is_cuda and _mamba_scan_fn is not None:
+    if forced == "cpu":
+        if u.device.type != "cpu" or not (u.dtype in _LOW_PRECISION or u.dtype == torch.float64):
+            raise RuntimeError(f"selective-scan backend 'cpu' needs CPU floating-point tensors (got {u.dtype} on {u.device}).")
+        if _numba() is None:
+            raise RuntimeError("selective-scan backend 'cpu' needs numba (pip install numba); use 'torch' instead.")
+        return forced
+    if forced != "auto":
+        return forced
+    if u.is_cuda and _mamba_scan_fn is not None and u.dtype in _LOW_PRECISION:
         return "cuda"
-    return "ref"
-
-
-def _expand_bc(X: torch.Tensor, dim: int, name: str) -> torch.Tensor:
-    """(batch, N, L) or (batch, G, N, L) -> (batch, dim, N, L) view."""
-    if X.dim() == 3:
-        return X.unsqueeze(1).expand(X.shape[0], dim, X.shape[1], X.shape[2])
-    if X.dim() == 4:
-        g = X.shape[1]
-        if dim % g:
-            raise ValueError(f"selective_scan: {name} has {g} groups, which does not divide dim={dim}.")
-        return X.repeat_interleave(dim // g, dim=1)
-    raise ValueError(f"selective_scan: {name} must be (batch, N, L) or (batch, G, N, L), got {tuple(X.shape)}.")
+    if u.device.type == "cpu" and u.dtype in _LOW_PRECISION and _numba() is not None:
+        return "cpu"
+    return "torch"
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t is not None and (t.is_complex() or not t.is_floating_point()):
+            raise TypeError(f"selective_scan: {name} must be a real floating-point tensor, got {t.dtype}.")
+        if t is not None and t.device != u.device:
+            raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}.")
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got {tuple(u.shape)}.")
     b, d, L = u.shape
@@ -97,42 +150,211 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
     for name, X in (("B", B), ("C", C)):
         if X.dim() not in (3, 4) or X.shape[0] != b or X.shape[-2] != n or X.shape[-1] != L:
             raise ValueError(
-                f"selective_scan: {name} must be (batch={b}, N={n}, L={L}) or (batch, G, N, L), got {tuple(X.shape)}."
+                f"selective_scan: {name} must be (batch={b}, N={n}, L={L}) or (batch={b}, G, N={n}, L={L}), "
+                f"got {tuple(X.shape)}."
             )
+        if X.dim() == 4 and (X.shape[1] == 0 or d % X.shape[1]):
+            raise ValueError(f"selective_scan: {name} has {X.shape[1]} groups, which does not divide dim={d}.")
     for name, v in (("D", D), ("delta_bias", delta_bias)):
-        if v is not None and v.shape != (d,):
+        if v is not None and tuple(v.shape) != (d,):
             raise ValueError(f"selective_scan: {name} must be (dim={d},), got {tuple(v.shape)}.")
 
 
+def _prepare_delta(delta, delta_bias, delta_softplus, ct):
+    delta = delta.to(ct)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)  # threshold 20 like mamba-ssm's kernel
+    return delta
+
+
+def _finish(y, u, D, z, ct):
+    if D is not None:
+        y = y + D.to(ct)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y
+
+
+# --------------------------------------------------------------------------------------------------- ref
 def selective_scan_ref(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
     """Plain step loop over L (differentiable through autograd). Computes in float32, or float64 if u is float64."""
     dtype_in = u.dtype
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, A = u.to(ct), A.to(ct)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
     b, d, L = u.shape
-    Bx = _expand_bc(B.to(ct), d, "B")
-    Cx = _expand_bc(C.to(ct), d, "C")
-    h = u.new_zeros(b, d, A.shape[1])
+    g = 1 if B.dim() == 3 else B.shape[1]
+    Bx = B.to(ct).reshape(b, g, 1, *B.shape[-2:])  # channel d uses group d // (dim // g)
+    Cx = C.to(ct).reshape(b, g, 1, *C.shape[-2:])
+    h = u.new_zeros(b, g, d // g, A.shape[1])
+    Ag = A.reshape(g, d // g, -1)
+    # unbind once: indexing step t inside the loop would make autograd allocate a full-size gradient per step
+    dts = delta.reshape(b, g, d // g, L, 1).unbind(3)
+    us = u.reshape(b, g, d // g, L, 1).unbind(3)
+    Bs, Cs = Bx.unbind(-1), Cx.unbind(-1)
     ys = []
     for t in range(L):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * Bx[..., t] * u[:, :, t, None]
-        ys.append((h * Cx[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1) if L else u.new_zeros(b, d, 0)
-    if D is not None:
-        y = y + D.to(ct)[None, :, None] * u
-    if z is not None:
-        y = y * F.silu(z.to(ct))
+        dt = dts[t]
+        h = torch.exp(dt * Ag) * h + dt * Bs[t] * us[t]
+        ys.append((h * Cs[t]).sum(-1))
+    y = torch.stack(ys, dim=-1).reshape(b, d, L) if L else u.new_zeros(b, d, 0)
+    y = _finish(y, u, D, z, ct).to(dtype_in)
+    return (y, h.reshape(b, d, -1)) if return_last_state else y
+
+
+# ------------------------------------------------------------------------------------------------- torch
+def selective_scan_torch(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    chunk: int | None = None,
+):
+    """Pure-PyTorch two-level scan (any device/dtype; autograd). Computes in float32, or float64 for float64 u.
+
+    Time is cut into ``nc`` chunks of ``T`` steps (``T = ceil(sqrt(L / 2))`` unless ``chunk`` is given):
+    (1) a step loop over the T positions runs all chunks at once from a zero state and gives each chunk's local
+    end state; (2) a loop over the chunks carries the true state across chunk boundaries using each chunk's total
+    decay (a product of decays, which may underflow to 0 harmlessly); (3) the step loop runs again from the true
+    chunk-start states and emits y. About 2T + nc Python iterations instead of L.
+    """
+    dtype_in = u.dtype
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, A = u.to(ct), A.to(ct)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    b, d, L = u.shape
+    n = A.shape[1]
+    B = B.to(ct) if B.dim() == 4 else B.to(ct).unsqueeze(1)
+    C = C.to(ct) if C.dim() == 4 else C.to(ct).unsqueeze(1)
+    g = B.shape[1]
+    if L == 0:
+        y = _finish(u.new_zeros(b, d, 0), u, D, z, ct).to(dtype_in)
+        return (y, u.new_zeros(b, d, n)) if return_last_state else y
+    T = max(1, min(L, chunk or math.ceil(math.sqrt(L / 2))))
+    nc = -(-L // T)
+    pad = nc * T - L
+    dl, uu = delta, u
+    if pad:  # zero steps: decay exp(0) = 1 and no input, so the state passes through unchanged
+        dl, uu = F.pad(dl, (0, pad)), F.pad(uu, (0, pad))
+        B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+    # time-major layouts (T, b, g, d/g, nc, n) so the per-step slices are contiguous
+    dl_t = dl.reshape(b, g, d // g, nc, T).permute(4, 0, 1, 2, 3)
+    du_t = (dl * uu).reshape(b, g, d // g, nc, T).permute(4, 0, 1, 2, 3)
+    B_t = B.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3)  # (T, b, g, 1, nc, n)
+    C_t = C.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3)
+    decay = torch.exp(dl_t.unsqueeze(-1) * A.reshape(g, d // g, 1, n))  # (T, b, g, d/g, nc, n)
+    x = du_t.unsqueeze(-1) * B_t
+    # (1) local end state of every chunk
+    h = torch.zeros_like(x[0])
+    for t in range(T):
+        h = torch.addcmul(x[t], decay[t], h)
+    chunk_decay = decay.prod(0)
+    # (2) true state entering every chunk
+    H = h.new_zeros(b, g, d // g, n)
+    starts = []
+    for c in range(nc):
+        starts.append(H)
+        H = torch.addcmul(h[..., c, :], chunk_decay[..., c, :], H)
+    h = torch.stack(starts, dim=-2)
+    # (3) states and outputs
+    ys = []
+    for t in range(T):
+        h = torch.addcmul(x[t], decay[t], h)
+        ys.append((h * C_t[t]).sum(-1))
+    y = torch.stack(ys, dim=-1).reshape(b, d, nc * T)[..., :L]
+    y = _finish(y, u, D, z, ct).to(dtype_in)
+    return (y, H.reshape(b, d, n)) if return_last_state else y
+
+
+# --------------------------------------------------------------------------------------------------- cpu
+def _numba_threads():
+    nm = _numba()
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return nm
+
+
+def _np(t):
+    return t.detach().contiguous().numpy()
+
+
+class _CpuScanFn(torch.autograd.Function):
+    """u, delta (final), A, B (b, G, N, L), C, D|None, z|None  ->  y, last_state; all float32 on CPU."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z):
+        nm = _numba_threads()
+        b, d, L = u.shape
+        n = A.shape[1]
+        need_grad = any(ctx.needs_input_grad)
+        Dv = D if D is not None else u.new_zeros(d)
+        zz = z if z is not None else u
+        y = u.new_empty(b, d, L)
+        last = u.new_empty(b, d, n)
+        ckpt = torch.empty((b, -(-L // nm.T), n, d) if need_grad else (0, 0, 0, 0), dtype=torch.float64)
+        args = [_np(t) for t in (u, delta, A, B, C, Dv, zz)]
+        with _numba_lock:
+            nm.scan_fwd(*args, z is not None, need_grad, y.numpy(), last.numpy(), ckpt.numpy())
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, ckpt)
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
+        nm = _numba_threads()
+        b, d, L = u.shape
+        n, g = A.shape[1], B.shape[1]
+        nbt = g * -(-(d // g) // nm.W)
+        if gy is None:
+            gy = u.new_zeros(b, d, L)
+        gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+        gz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
+        gA = torch.empty(b, d, n, dtype=torch.float64)
+        gD = torch.empty(b, d, dtype=torch.float64)
+        gB = u.new_empty(b, nbt, n, L)
+        gC = u.new_empty(b, nbt, n, L)
+        Dv = D if D is not None else u.new_zeros(d)
+        zz = z if z is not None else u
+        gl = _np(glast.float()) if glast is not None else _np(u.new_zeros(1, 1, 1))
+        args = [_np(t) for t in (u, delta, A, B, C, Dv, zz)]
+        with _numba_lock:
+            nm.scan_bwd(*args, z is not None, ckpt.numpy(), _np(gy.float()), gl, glast is not None,
+                        gu.numpy(), gdelta.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy())
+        need = ctx.needs_input_grad
+        return (
+            gu if need[0] else None,
+            gdelta if need[1] else None,
+            gA.sum(0).float() if need[2] else None,
+            gB.view(b, g, -1, n, L).sum(2) if need[3] else None,
+            gC.view(b, g, -1, n, L).sum(2) if need[4] else None,
+            gD.sum(0).float() if (D is not None and need[5]) else None,
+            gz if (z is not None and need[6]) else None,
+        )
+
+
+def selective_scan_cpu(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
+    """Fused numba CPU scan (float32 in/out, float64 inside); bias and softplus of delta stay in autograd."""
+    if u.device.type != "cpu":
+        raise RuntimeError(f"selective-scan backend 'cpu' needs CPU tensors, got {u.device}.")
+    dtype_in = u.dtype
+    ct = torch.float32
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    B = B.to(ct) if B.dim() == 4 else B.to(ct).unsqueeze(1)
+    C = C.to(ct) if C.dim() == 4 else C.to(ct).unsqueeze(1)
+    y, last = _CpuScanFn.apply(
+        u.to(ct), delta, A.to(ct), B, C, None if D is None else D.to(ct), None if z is None else z.to(ct)
+    )
     y = y.to(dtype_in)
-    return (y, h) if return_last_state else y
+    return (y, last) if return_last_state else y
 
 
+# -------------------------------------------------------------------------------------------------- cuda
 def _cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     # mamba-ssm wants contiguous inputs and fp32 A/D/delta_bias
     def c(t):
@@ -146,7 +368,19 @@ def _cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
     )
 
 
-_ALL_BACKENDS = {"cuda": _cuda, "ref": selective_scan_ref}
+def _wrap(fn):
+    def call(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    return call
+
+
+_ALL_BACKENDS = {
+    "cuda": _cuda,
+    "cpu": _wrap(selective_scan_cpu),
+    "torch": _wrap(selective_scan_torch),
+    "ref": _wrap(selective_scan_ref),
+}
 
 
 def selective_scan_fn(
