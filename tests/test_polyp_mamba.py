@@ -134,7 +134,9 @@ def _stage_shapes(net, x):
     shapes = {}
     hooks = [net.patch_embed.register_forward_hook(lambda m, i, o: shapes.__setitem__("embed", tuple(o.shape)))]
     for i, layer in enumerate(net.layers):
-        hooks.append(layer.register_forward_hook(lambda m, i_, o, i=i: shapes.__setitem__(f"enc{i}", tuple(o[0].shape))))
+        hooks.append(
+            layer.register_forward_hook(lambda m, i_, o, i=i: shapes.__setitem__(f"enc{i}", tuple(o[0].shape)))
+        )
     for j, g in enumerate(net.gsi):
         hooks.append(g.register_forward_hook(lambda m, i_, o, j=j: shapes.__setitem__(f"gsi{j}", tuple(o.shape))))
     with torch.no_grad():

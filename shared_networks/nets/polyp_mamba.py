@@ -51,6 +51,7 @@ Decisions (the spec's [DECIDE] points; the paper PDF was not available, so each 
    the PyTorch default; the SS2D dt/A/D/x_proj parameters keep their SS2D init); SAS/GSI convolutions TopFormer's
    normal(0, sqrt(2 / (k^d * out))) with BatchNorm 1/0.
 10. Output: logits (no sigmoid; VM-UNet's wrapper applies one for one class — put it in post-processing).
+    ``in_channels`` is a constructor argument (VM-UNet's wrapper instead repeats a grey input to 3 channels).
     Loss: :class:`shared_networks.losses.StructureLoss` (BCE + weighted IoU, PraNet's effective behaviour);
     single-scale training at 352x352 (PraNet's {0.75, 1, 1.25} multi-scale schedule is a data-pipeline option).
 11. 3D (``spatial_dims=3``, an extension beyond the paper): the same layout with SS2D's six-direction 3D scan,
@@ -299,9 +300,9 @@ class _HSigmoid(nn.Module):
 class GlobalSemanticsInjection(nn.Module):
     """GSI: inject global semantics into a local feature map (TopFormer ``InjectionMultiSum``).
 
-    ``out = BN(conv(local)) * gate(BN(conv(global)))↑ + BN(conv(global))↑`` — all convolutions 1x1 without bias, ↑ is
-    bilinear/trilinear resizing (align_corners=False) to the local grid, ``gate`` is sigmoid (paper) or TopFormer's
-    h-sigmoid. Parameters: C^2 + 2 C_g C + 6 C.
+    ``out = BN(conv(local)) * up(gate(BN(conv(global)))) + up(BN(conv(global)))`` — all convolutions 1x1 without
+    bias, ``up`` is bilinear/trilinear resizing (align_corners=False) to the local grid, ``gate`` is sigmoid (paper)
+    or TopFormer's h-sigmoid. Parameters: C^2 + 2 C_g C + 6 C.
 
     Args:
         spatial_dims: 2 or 3.
@@ -357,7 +358,8 @@ class PolypMamba(nn.Module):
             :meth:`load_pretrained_encoder`; 2D only).
 
     Input (B, in_channels, *S) with each spatial size a multiple of ``patch_size * 2 ** (len(dims) - 1)`` (32);
-    output logits (B, out_channels, *S).
+    output logits (B, out_channels, *S). Training needs more than one value per channel at the coarsest grid for
+    the SAS/GSI BatchNorm (batch size 1 at 32x32 is the only size that fails).
 
     Example (the paper's setting; 32,270,761 parameters)::
 
@@ -437,7 +439,9 @@ class PolypMamba(nn.Module):
             else None
         )
         if semantic_injection:
-            self.sas = ScaleAwareSemantics(spatial_dims, dims, sas_channels, sas_depth, drop_path_rate, d_state, norm_eps)
+            self.sas = ScaleAwareSemantics(
+                spatial_dims, dims, sas_channels, sas_depth, drop_path_rate, d_state, norm_eps
+            )
             g = self.sas.out_channels[::-1]  # coarse-to-fine, aligned with the decoder stages
             self.gsi = nn.ModuleList(
                 [GlobalSemanticsInjection(spatial_dims, dims_dec[j], g[j], gsi_gate) for j in range(n)]
@@ -550,7 +554,9 @@ class PolypMamba(nn.Module):
 
             source = os.fspath(checkpoint)
             try:
-                given = load_checkpoint_file(source, key_candidates=("model", "model_state_dict", "state_dict", "model_ema", "net"))
+                given = load_checkpoint_file(
+                    source, key_candidates=("model", "model_state_dict", "state_dict", "model_ema", "net")
+                )
             except ValueError as e:
                 raise ValueError(
                     f"{e} If this is a trusted VMamba training checkpoint holding other objects (e.g. its config), "
@@ -604,6 +610,10 @@ class PolypMamba(nn.Module):
             "unused": sorted(k for k in given if k not in used),
             "not_loaded": sorted(k for k in own if k not in new_state),
         }
+        if mismatch:
+            logger.warning(
+                "PolypMamba: %d checkpoint tensors skipped for their shape, e.g. %s", len(mismatch), mismatch[:3]
+            )
         logger.info(
             "PolypMamba: loaded %d tensors from %s (%d skipped for shape, %d unused checkpoint keys, %d model tensors "
             "left at their initialisation).",
