@@ -48,12 +48,14 @@ def test_reference_parameter_counts(plan, total, enc, dec, mamba, layout):
     # the official per-stage windows / pools (reference_numbers.md)
     if plan.startswith("abdomen_ct"):
         win = [(20, 28, 24)] * 2 + [(10, 14, 12)] * 2 + [(5, 7, 6)] * 2
-        assert official_window_sizes(6, 3) == win and official_pool_sizes(6, 3) == [(q,) * 3 for q in (4, 4, 2, 2, 1, 1)]
+        assert official_window_sizes(6, 3) == win
+        assert official_pool_sizes(6, 3) == [(q,) * 3 for q in (4, 4, 2, 2, 1, 1)]
         if layout == "monai":
             win = [w[::-1] for w in win]
             k0 = (3, 3, 3) if plan.endswith("k333") else (3, 3, 1)
             assert net.kernel_sizes[0] == k0 and net.strides[-1] == (2, 2, 1) and net.scan_axes == (2, 1, 0)
-        assert list(net.window_sizes) == win and net.divisible_by == ((8, 32, 32) if layout == "official" else (32, 32, 8))
+        assert list(net.window_sizes) == win
+        assert net.divisible_by == ((8, 32, 32) if layout == "official" else (32, 32, 8))
     else:
         assert [w[0] for w in official_window_sizes(7, 2)] == [40, 20, 20, 10, 10, 5, 5]
         assert [q[0] for q in official_pool_sizes(7, 2)] == [8, 4, 4, 2, 2, 1, 1]
@@ -293,3 +295,61 @@ def test_monai_layout_equals_official_on_permuted_input(grouping):
     # and the export of the MONAI-layout network is the official state dict again
     back = to_official(net)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# it learns: binary nuclei segmentation on the demo image (stardist / DSB 2018), 2x downsampled to 256x256
+def test_training_on_demo_nuclei_improves_loss_and_dice():
+    from PIL import Image
+
+    torch.manual_seed(0)
+    img = np.asarray(Image.open(os.path.join(ROOT, "data/demo/nuclei/image.tif")), dtype=np.float32)
+    lab = np.asarray(Image.open(os.path.join(ROOT, "data/demo/nuclei/mask.tif"))) > 0
+    img = F.avg_pool2d(torch.from_numpy(img)[None, None], 2)
+    img = (img - img.mean()) / img.std()
+    lab = (F.avg_pool2d(torch.from_numpy(lab.astype(np.float32))[None, None], 2) > 0.5).long()[:, 0]
+    # train on the left 3/4, evaluate on the unseen right quarter
+    tr_img, tr_lab, te_img, te_lab = img[..., :192], lab[..., :192], img[..., 192:], lab[..., 192:]
+    net = LKMUNet(spatial_dims=2, in_channels=1, out_channels=2, features_per_stage=(8, 16, 32),
+                  window_sizes=(8, 4, 2), pool_sizes=(4, 2, 1), n_blocks_per_stage=1, n_conv_per_stage_decoder=1)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+
+    def dice():
+        net.eval()
+        with torch.no_grad():
+            pred = net(te_img).argmax(1)
+        net.train()
+        return float(2 * (pred * te_lab).sum() / (pred.sum() + te_lab.sum()))
+
+    def loss_fn(logits, target):
+        p = logits.softmax(1)[:, 1]
+        soft_dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+        return F.cross_entropy(logits, target) + soft_dice
+
+    # tiny convs: one thread is as fast as two, and immune to an oversubscribed machine's OpenMP barriers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dice0, dice1, losses = _train(net, opt, loss_fn, dice, tr_img, tr_lab)
+    finally:
+        torch.set_num_threads(threads)
+    # measured: loss 1.27 -> 0.75 (means of the first / last 5), held-out Dice 0.39 -> 0.86 after 20 iterations
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    assert dice1 > 0.75 and dice1 > dice0 + 0.3, (dice0, dice1)
+
+
+def _train(net, opt, loss_fn, dice, tr_img, tr_lab, iterations=20):
+    dice0 = dice()
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(iterations):
+        ys = torch.randint(0, 256 - 64 + 1, (4,), generator=g).tolist()
+        xs = torch.randint(0, 192 - 64 + 1, (4,), generator=g).tolist()
+        xb = torch.cat([tr_img[..., y:y + 64, x:x + 64] for y, x in zip(ys, xs)])
+        yb = torch.cat([tr_lab[..., y:y + 64, x:x + 64] for y, x in zip(ys, xs)])
+        loss = loss_fn(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return dice0, dice(), losses

@@ -38,6 +38,7 @@ from ..blocks.mamba import BiMambaPair
 from ..utils import check_input
 
 __all__ = [
+    "plan_kwargs",
     "PiM",
     "PaM",
     "LMBlock",
@@ -148,7 +149,9 @@ class _SeqMambaLayer(BiMambaPair):
         return super().forward(seq)
 
     def _to_scan_order(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.scan_axes == tuple(range(self.spatial_dims)) else x.permute(0, 1, *(2 + a for a in self.scan_axes))
+        if self.scan_axes == tuple(range(self.spatial_dims)):
+            return x
+        return x.permute(0, 1, *(2 + a for a in self.scan_axes))
 
     def _from_scan_order(self, x: torch.Tensor) -> torch.Tensor:
         if self.scan_axes == tuple(range(self.spatial_dims)):
@@ -383,7 +386,8 @@ class StackedResidualBlocks(nn.Module):
 class _Stem(nn.Module):
     def __init__(self, spatial_dims, in_channels, out_channels, kernel_size, bias, norm, act):
         super().__init__()
-        self.convs = nn.Sequential(ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size, 1, bias, norm, act))
+        conv = ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size, 1, bias, norm, act)
+        self.convs = nn.Sequential(conv)
 
     def forward(self, x):
         return self.convs(x)
