@@ -177,6 +177,8 @@ def test_pim_groupings_match_independent_recomputation(size, win):
         assert torch.allclose(y_off, _pim_reference(off, x, win, "official"), atol=1e-5)
         assert torch.allclose(y_con, _pim_reference(con, x, win, "contiguous"), atol=1e-5)
         assert (y_off - y_con).abs().max() > 1e-3  # the two groupings really differ
+        off.chunk_tokens = con.chunk_tokens = 2 * math.prod(win)  # memory-bounded chunks of sequences: same result
+        assert torch.allclose(off(x), y_off, atol=1e-6) and torch.allclose(con(x), y_con, atol=1e-6)
     # the official sequence 0 holds the pixels spaced `win` apart (issue #5): probe with the coordinates
     from shared_networks.blocks import scan_orders
 

@@ -127,8 +127,11 @@ class _SeqMambaLayer(BiMambaPair):
     token sequences cut from a feature map, residual added on the map, in fp32 with autocast disabled (as the
     official layers). The parameter names are those of the official ``Bi*MambaLayer`` modules."""
 
-    def __init__(self, channels, window, window_grouping, scan_axes, d_state, d_conv, expand, what):
+    def __init__(self, channels, window, window_grouping, scan_axes, d_state, d_conv, expand, chunk_tokens, what):
         super().__init__(channels, d_state=d_state, d_conv=d_conv, expand=expand)
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"{what}: chunk_tokens must be a positive int or None, got {chunk_tokens!r}.")
+        self.chunk_tokens = chunk_tokens
         if window_grouping not in GROUPINGS:
             raise ValueError(f"window_grouping must be one of {GROUPINGS}, got {window_grouping!r}.")
         self.channels = int(channels)
@@ -146,7 +149,13 @@ class _SeqMambaLayer(BiMambaPair):
             )
 
     def _mix(self, seq: torch.Tensor) -> torch.Tensor:
-        return super().forward(seq)
+        # The sequences are independent: run them in chunks to bound the peak memory (the 3D plan's stage-0 PiM
+        # holds 1.7 M tokens per image, i.e. several GB of Mamba intermediates in one call).
+        n, length = seq.shape[:2]
+        per_chunk = n if self.chunk_tokens is None else max(1, self.chunk_tokens // max(length, 1))
+        if per_chunk >= n:
+            return super().forward(seq)
+        return torch.cat([super(_SeqMambaLayer, self).forward(c) for c in seq.split(per_chunk)])
 
     def _to_scan_order(self, x: torch.Tensor) -> torch.Tensor:
         if self.scan_axes == tuple(range(self.spatial_dims)):
@@ -190,6 +199,8 @@ class PiM(_SeqMambaLayer):
             a sequence; whole-map scan when not divisible).
         scan_axes: spatial axes from slowest to fastest when flattening a window (default: row-major).
         d_state, d_conv, expand: Mamba hyper-parameters.
+        chunk_tokens: run the sequences in chunks of at most this many tokens per Mamba call (bounds the peak
+            memory at large maps; same result up to float rounding). ``None``: one call.
 
     Shapes: ``(B, C, *S) -> (B, C, *S)`` (float32: the layer runs in fp32 with autocast disabled).
     """
@@ -203,9 +214,11 @@ class PiM(_SeqMambaLayer):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        chunk_tokens: int | None = 2**18,
     ) -> None:
         window_size = tuple(int(w) for w in window_size)
-        super().__init__(channels, window_size, window_grouping, scan_axes, d_state, d_conv, expand, "PiM")
+        super().__init__(channels, window_size, window_grouping, scan_axes, d_state, d_conv, expand, chunk_tokens,
+                         "PiM")
         if any(w < 1 for w in window_size):
             raise ValueError(f"PiM: window_size={window_size} must be positive.")
         self.window_size = window_size
@@ -250,7 +263,7 @@ class PaM(_SeqMambaLayer):
         pool_size: pooling factor per spatial axis (its length gives the spatial dims); 1 = every pixel a token.
         window_grouping: ``"contiguous"``: a map that is not a multiple of the pool size is pooled with clipped border
             patches (``ceil_mode``); ``"official"``: it is not pooled at all (the official fallback).
-        scan_axes, d_state, d_conv, expand: as in :class:`PiM`.
+        scan_axes, d_state, d_conv, expand, chunk_tokens: as in :class:`PiM` (a single sequence is never split).
 
     Shapes: ``(B, C, *S) -> (B, C, *S)`` (float32).
     """
@@ -264,9 +277,11 @@ class PaM(_SeqMambaLayer):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        chunk_tokens: int | None = 2**18,
     ) -> None:
         pool_size = tuple(int(p) for p in pool_size)
-        super().__init__(channels, pool_size, window_grouping, scan_axes, d_state, d_conv, expand, "PaM")
+        super().__init__(channels, pool_size, window_grouping, scan_axes, d_state, d_conv, expand, chunk_tokens,
+                         "PaM")
         if any(p < 1 for p in pool_size):
             raise ValueError(f"PaM: pool_size={pool_size} must be positive.")
         self.pool_size = pool_size
@@ -312,8 +327,10 @@ class LMBlock(nn.Sequential):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        chunk_tokens: int | None = 2**18,
     ) -> None:
-        kw = dict(window_grouping=window_grouping, scan_axes=scan_axes, d_state=d_state, d_conv=d_conv, expand=expand)
+        kw = dict(window_grouping=window_grouping, scan_axes=scan_axes, d_state=d_state, d_conv=d_conv, expand=expand,
+                  chunk_tokens=chunk_tokens)
         super().__init__()
         self.pim = PiM(channels, window_size, **kw)
         self.pam = PaM(channels, pool_size, **kw)
@@ -470,6 +487,8 @@ class LKMUNet(nn.Module):
         conv_bias: bias in the 3x3 convs and transposed convs (nnU-Net: True).
         norm_name, act_name: MONAI norm / activation specs (nnU-Net: instance norm eps 1e-5 affine, LeakyReLU 0.01).
         d_state, d_conv, expand: Mamba hyper-parameters.
+        chunk_tokens: PiM/PaM run their independent sequences in chunks of at most this many tokens per Mamba call,
+            which bounds the inference memory at the full ROI (``None``: one call per layer); see :class:`PiM`.
 
     Input ``(B, in_channels, *S)`` with every ``S_i`` a multiple of the product of the strides along axis ``i``;
     output ``(B, out_channels, *S)`` (float32).
@@ -496,6 +515,7 @@ class LKMUNet(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        chunk_tokens: int | None = 2**18,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -553,10 +573,11 @@ class LKMUNet(nn.Module):
             window_sizes=[list(w) for w in windows], pool_sizes=[list(p) for p in pools],
             window_grouping=window_grouping, scan_axes=list(self.scan_axes), deep_supervision=deep_supervision,
             conv_bias=conv_bias, norm_name=norm_name, act_name=act_name, d_state=d_state, d_conv=d_conv, expand=expand,
+            chunk_tokens=chunk_tokens,
         )
         name = norm_name[0] if isinstance(norm_name, (tuple, list)) else norm_name
         self._instance_norm = str(name).lower().startswith("instance")
-        mamba_kw = dict(d_state=d_state, d_conv=d_conv, expand=expand)
+        mamba_kw = dict(d_state=d_state, d_conv=d_conv, expand=expand, chunk_tokens=chunk_tokens)
         self.encoder = _Encoder(spatial_dims, in_channels, features, kernels, strides_, n_enc, conv_bias, norm_name,
                                 act_name, windows, pools, window_grouping, self.scan_axes, mamba_kw)
         self.decoder = _Decoder(spatial_dims, out_channels, features, kernels, strides_, n_dec, conv_bias, norm_name,
