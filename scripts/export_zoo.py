@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO, "bundles")
@@ -298,7 +297,7 @@ def vendor_modules(bundle: str, python: str) -> tuple[dict[str, str], set[str]]:
     return modules, {e for e in external if e not in stdlib and e != PACKAGE}
 
 
-def _rewrite_source(src: str, path: str) -> str:
+def _rewrite_source(src: str) -> str:
     out = re.sub(r"^(\s*)from " + PACKAGE + r"(?=[.\s])", r"\1from scripts." + PACKAGE, src, flags=re.M)
     out = re.sub(r"^(\s*)import " + PACKAGE + r"(\.[\w.]+)?(\s+as\s)", r"\1import scripts." + PACKAGE + r"\2\3",
                  out, flags=re.M)
@@ -409,7 +408,7 @@ def export_bundle(
                 with open(src_path) as f:
                     text = f.read()
                 with open(dst_path, "w") as f:
-                    f.write(_rewrite_source(text, src_path))
+                    f.write(_rewrite_source(text))
             for d, _, files in os.walk(os.path.join(scripts, PACKAGE)):  # every vendored folder is a package
                 if "__init__.py" not in files:
                     open(os.path.join(d, "__init__.py"), "w").close()
@@ -482,6 +481,41 @@ config_file = os.path.join(out, "configs", "inference.json")
 ckpt = os.path.join(out, "models", "model.pt")
 from monai.apps.utils import check_hash
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
+def _references():
+    # every _target_, "$import" and dotted name of the project's package in every config resolves (vendor mode:
+    # from the vendored copy only, the installed package being blocked)
+    import pydoc, re
+    from monai.bundle import ConfigParser
+    from monai.bundle.config_item import ComponentLocator
+    locator, n = ComponentLocator(), 0
+    for f in sorted(os.listdir(os.path.join(out, "configs"))):
+        if not f.endswith((".json", ".yaml", ".yml")):
+            continue
+        cfg = ConfigParser.load_config_file(os.path.join(out, "configs", f))
+        stack = [cfg]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                t = node.get("_target_")
+                if isinstance(t, str) and not t.startswith(("$", "@", "%")):
+                    found = pydoc.locate(t) if "." in t else locator.get_component_module_name(t)
+                    if not found:
+                        raise ImportError("%s: _target_ %r does not resolve" % (f, t))
+                    n += 1
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, str) and node.startswith("$"):
+                if re.match(r"^\$\s*(import|from)\s", node):
+                    exec(node[1:], {})
+                    n += 1
+                for ref in re.findall(r"(?<![\w.])(?:scripts\.)?shared_networks(?:\.\w+)+", node):
+                    if pydoc.locate(ref) is None:
+                        raise ImportError("%s: %r does not resolve" % (f, ref))
+                    n += 1
+    return "%d references" % n
+row("config _target_s and imports resolve", _references)
 
 def _hash():
     if not check_hash(ckpt, spec["hash_val"], spec["hash_type"]):

@@ -341,7 +341,8 @@ def bundle_run_reference(spec: BundleSpec, bundle_copy: str, ref_in: str, out_di
     with open(out_dir + ".log", "w") as logf:
         r = subprocess.run(cmd, cwd=bundle_copy, env=env, stdout=logf, stderr=subprocess.STDOUT)
     if r.returncode != 0:
-        raise RuntimeError(f"monai.bundle run failed (exit {r.returncode}); see {out_dir}.log:\n" + tail(out_dir + ".log"))
+        raise RuntimeError(f"monai.bundle run failed (exit {r.returncode}); see {out_dir}.log:\n"
+                           + tail(out_dir + ".log"))
     outs = [os.path.join(dp, f) for dp, _, fs in os.walk(out_dir) for f in fs]
     if len(outs) != 1:
         raise RuntimeError(f"monai.bundle run wrote {len(outs)} files in {out_dir}, expected one label: {outs}")
@@ -449,7 +450,8 @@ class Server:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n" + self.log_tail())
+                raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n"
+                                   + self.log_tail())
             try:
                 status, _ = http_json("GET", self.url + "/info/", timeout=10)
                 if status == 200:
@@ -545,11 +547,11 @@ class Results:
         self.rows: list[tuple[str, str, str]] = []
         self.times: dict[str, float] = {}
 
-    def add(self, check: str, ok: bool | None, detail: str = "") -> bool:
-        status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+    def add(self, check: str, ok: bool | None | str, detail: str = "") -> bool:
+        status = ok if isinstance(ok, str) else "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         self.rows.append((check, status, detail))
         log(f"{self.bundle}: {status} {check}" + (f" ({detail})" if detail else ""))
-        return bool(ok)
+        return status == "PASS"
 
     @property
     def failed(self) -> bool:
@@ -570,7 +572,7 @@ def check_bundle(src: str, work: str, args, env: dict, stock_app: str) -> Result
     shutil.copytree(src, bundle_copy, ignore=shutil.ignore_patterns("eval", "runs", "__pycache__", "checkpoints"))
     edits = apply_sets(bundle_copy, args.set)
     if edits:
-        res.add("config edits of the COPY (--set)", None, ", ".join(edits))
+        res.add("config edits of the COPY (--set)", "NOTE", ", ".join(edits))
     model_pt = os.path.join(bundle_copy, "models", "model.pt")
     if os.path.isfile(model_pt):
         weights_from = "bundle's models/model.pt"
