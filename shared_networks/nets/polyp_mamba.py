@@ -52,15 +52,19 @@ Decisions (the spec's [DECIDE] points; the paper PDF was not available, so each 
    normal(0, sqrt(2 / (k^d * out))) with BatchNorm 1/0.
 10. Output: logits (no sigmoid; VM-UNet's wrapper applies one for one class — put it in post-processing).
     ``in_channels`` is a constructor argument (VM-UNet's wrapper instead repeats a grey input to 3 channels).
-    Loss: :class:`shared_networks.losses.StructureLoss` (BCE + weighted IoU, PraNet's effective behaviour);
-    single-scale training at 352x352 (PraNet's {0.75, 1, 1.25} multi-scale schedule is a data-pipeline option).
-11. 3D (``spatial_dims=3``, an extension beyond the paper): the same layout with SS2D's six-direction 3D scan,
+    One output, no deep supervision. Loss: :class:`shared_networks.losses.StructureLoss` (BCE + weighted IoU,
+    PraNet's effective behaviour); single-scale training and inference at 352x352 with bilinear resizing, predictions
+    resized back to the mask size (PraNet protocol; its {0.75, 1, 1.25} multi-scale schedule is a data-pipeline
+    option).
+11. ImageNet pre-training: the paper most likely started from ImageNet VMamba weights (as VM-UNet does); they
+    cannot be downloaded here, so the default is from scratch and a local checkpoint can be given (below).
+12. 3D (``spatial_dims=3``, an extension beyond the paper): the same layout with SS2D's six-direction 3D scan,
     cubic patches (4^3), 2x2x2 merging/expanding (8C -> 2C and 2C -> 8 x C), a 4x4x4 final expansion to dims[0]//4
     channels, BatchNorm3d and trilinear resizing in SAS/GSI. Each axis must be a multiple of 32.
 
 Parameter counts (2D, 3 -> 1 channel): the VM-UNet base (``semantic_injection=False``) 27,427,561 (equals the
 official VM-UNet ``VSSM``); the default configuration (variant B) 32,270,761; variant A with one / two VSS blocks
-44,914,921 / 60,043,561.
+44,914,921 / 60,043,561. 3D with the same widths (3 -> 1 channel): 38,724,649.
 
 ImageNet initialisation: VMamba v0 classification weights (e.g. ``vmamba_small_e238_ema.pth``, as used by VM-UNet)
 or a VM-UNet checkpoint can be loaded from a local file with :meth:`PolypMamba.load_pretrained_encoder` or the
