@@ -18,6 +18,15 @@ Two PiM token groupings:
 Axis convention: the network is equivariant to the order of the spatial axes as long as the per-axis arguments
 (kernels, strides, windows) and ``scan_axes`` follow the input. The reference plans are given in nnU-Net's axis
 order (z, y, x) = ``layout="official"``; ``layout="monai"`` gives the same network for MONAI's (x, y, z) images.
+
+Usage::
+
+    net = LKMUNet.from_plan("abdomen_ct_3d", layout="monai")  # 63,782,246 params; ROI (192, 224, 40) in x, y, z
+    net = LKMUNet.from_plan("abdomen_mr_2d", out_channels=5)  # 2D, 320x320 patches
+    net = LKMUNet(spatial_dims=3, features_per_stage=(16, 32, 64), window_sizes=(8, 4, 2), pool_sizes=(4, 2, 1))
+
+Windows are fixed sizes: with the reference plans, sliding-window inference with the training ROI keeps every
+map a multiple of its window (the full 3D ROI needs about 3.6 GB of CPU memory for one forward in eval mode).
 """
 
 from __future__ import annotations
@@ -154,8 +163,8 @@ class _SeqMambaLayer(BiMambaPair):
         n, length = seq.shape[:2]
         per_chunk = n if self.chunk_tokens is None else max(1, self.chunk_tokens // max(length, 1))
         if per_chunk >= n:
-            return super().forward(seq)
-        return torch.cat([super(_SeqMambaLayer, self).forward(c) for c in seq.split(per_chunk)])
+            return BiMambaPair.forward(self, seq)
+        return torch.cat([BiMambaPair.forward(self, c) for c in seq.split(per_chunk)])
 
     def _to_scan_order(self, x: torch.Tensor) -> torch.Tensor:
         if self.scan_axes == tuple(range(self.spatial_dims)):
