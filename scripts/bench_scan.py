@@ -45,7 +45,7 @@ def make_inputs(b, d, n, L, seed=0):
 
 
 def run(backend, inp, backward, dtype=torch.float32):
-    args = {k: v.to(dtype).requires_grad_(backward) for k, v in inp.items()}
+    args = {k: v.detach().to(dtype, copy=True).requires_grad_(backward) for k, v in inp.items()}  # fresh leaves
     with ss.use_backend(backend):
         y = ss.selective_scan_fn(**args, delta_softplus=True)
     if not backward:

@@ -245,23 +245,25 @@ def selective_scan_torch(
     C_t = C.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3)
     decay = torch.exp(dl_t.unsqueeze(-1) * A.reshape(g, d // g, 1, n))  # (T, b, g, d/g, nc, n)
     x = du_t.unsqueeze(-1) * B_t
-    # (1) local end state of every chunk
-    h = torch.zeros_like(x[0])
-    for t in range(T):
-        h = torch.addcmul(x[t], decay[t], h)
     chunk_decay = decay.prod(0)
+    # unbind instead of indexing in the loops: the backward of x[t] would allocate a full-size zero tensor per step
+    decays, xs, cs = decay.unbind(0), x.unbind(0), C_t.unbind(0)
+    # (1) local end state of every chunk
+    h = torch.zeros_like(xs[0])
+    for t in range(T):
+        h = torch.addcmul(xs[t], decays[t], h)
     # (2) true state entering every chunk
     H = h.new_zeros(b, g, d // g, n)
     starts = []
-    for c in range(nc):
+    for h_c, p_c in zip(h.unbind(-2), chunk_decay.unbind(-2)):
         starts.append(H)
-        H = torch.addcmul(h[..., c, :], chunk_decay[..., c, :], H)
+        H = torch.addcmul(h_c, p_c, H)
     h = torch.stack(starts, dim=-2)
     # (3) states and outputs
     ys = []
     for t in range(T):
-        h = torch.addcmul(x[t], decay[t], h)
-        ys.append((h * C_t[t]).sum(-1))
+        h = torch.addcmul(xs[t], decays[t], h)
+        ys.append((h * cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1).reshape(b, d, nc * T)[..., :L]
     y = _finish(y, u, D, z, ct).to(dtype_in)
     return (y, H.reshape(b, d, n)) if return_last_state else y
