@@ -178,6 +178,11 @@ class BundleSpec:
     def _guess_ext(self) -> str:
         if self.dims == 3:
             return ".nii.gz"
+        # 2D: metadata's data_type if it names a file format (MONAI Label's datastore lists *.png, *.jpg, *.tif)
+        data_type = str(self.meta.get("data_type", "")).lower()
+        for key, ext in (("tif", ".tif"), ("png", ".png"), ("jp", ".jpg")):
+            if key in data_type:
+                return ext
         # 2D: the first image ending any of the bundle's configs mentions (e.g. a glob or output_ext), else PNG
         for cfg in ("inference.json", "train.json"):
             p = os.path.join(self.path, "configs", cfg)
@@ -358,22 +363,17 @@ def tail(path: str, n: int = 40) -> str:
 
 
 def load_label(path: str):
-    """(array with singleton dims dropped, affine or None) of a label/image file."""
+    """(array with channel/singleton dims dropped, affine or None) as MONAI's ``LoadImage`` reads the file, the
+    same reader for MONAI Label's output, the bundle's output and the input image, so orientations agree."""
     import numpy as np
+    from monai.transforms import LoadImage
 
-    low = path.lower()
-    if low.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        im = nib.load(path)
-        return np.squeeze(np.asarray(im.dataobj)), np.asarray(im.affine, dtype=np.float64)
-    if low.endswith((".tif", ".tiff")):
-        import tifffile
-
-        return np.squeeze(tifffile.imread(path)), None
-    from PIL import Image
-
-    return np.squeeze(np.asarray(Image.open(path))), None
+    img = LoadImage(image_only=True)(path)
+    arr = np.asarray(img)
+    affine = None
+    if path.lower().endswith((".nii", ".nii.gz")):
+        affine = np.asarray(img.affine, dtype=np.float64)
+    return np.squeeze(arr), affine
 
 
 def compare_labels(got: str, ref: str, image: str) -> tuple[bool, str]:
@@ -383,7 +383,7 @@ def compare_labels(got: str, ref: str, image: str) -> tuple[bool, str]:
     a, aff_a = load_label(got)
     b, aff_b = load_label(ref)
     im, aff_im = load_label(image)
-    im_shape = im.shape[:2] if (im.ndim == 3 and im.shape[-1] in (3, 4) and aff_im is None) else im.shape
+    im_shape = im.shape[:2] if (im.ndim == 3 and im.shape[-1] in (3, 4) and aff_im is None) else im.shape  # RGB
     problems = []
     if a.shape != b.shape:
         problems.append(f"shape {a.shape} != bundle run {b.shape}")

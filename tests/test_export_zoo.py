@@ -5,6 +5,9 @@ three or four forwards (verify_net_in_out, the traced export and its reload chec
 get ``--check-override`` with the narrower widths/depths of the bundle's configs/reduced.json (same 128x128x64
 patch, so metadata's spatial_shape still applies). That override exists for this test; submissions are checked as
 shipped. The exported configs themselves are not overridden.
+
+The test exports a snapshot of the bundle (same folder name) so that edits to bundles/ made while it runs cannot
+blur the "source unchanged" check.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -54,21 +58,23 @@ def run_export(*args, cwd, timeout=600):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zoo")
+    src = str(tmp / "bundles" / NAME)
+    shutil.copytree(BUNDLE, src, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+    parser.read_config(os.path.join(src, "configs", "inference.json"))
     parser.update(SMALL)
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def")
     weights = tmp / "initialised.pt"
     torch.save(net.state_dict(), weights)
-    before = tree_digest(BUNDLE)
+    before = tree_digest(src)
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     out = tmp / "model-zoo" / "models" / NAME
-    r = run_export(BUNDLE, out, "--weights", weights, *OVERRIDE_ARGS, cwd=elsewhere)
-    return {"tmp": tmp, "out": str(out), "weights": str(weights), "before": before, "result": r}
+    r = run_export(src, out, "--weights", weights, *OVERRIDE_ARGS, cwd=elsewhere)
+    return {"tmp": tmp, "src": src, "out": str(out), "weights": str(weights), "before": before, "result": r}
 
 
 def test_export_passes_zoo_checks_from_another_cwd(exported):
@@ -84,7 +90,7 @@ def test_export_passes_zoo_checks_from_another_cwd(exported):
 
 
 def test_folder_content(exported):
-    out = exported["out"]
+    out, src_dir = exported["out"], exported["src"]
     files = set(tree_digest(out))
     for f in ("LICENSE", "large_files.yml", "models/model.pt", "docs/README.md", "configs/metadata.json",
               "configs/inference.json", "configs/train.json", "configs/evaluate.json", "configs/logging.conf",
@@ -95,11 +101,11 @@ def test_folder_content(exported):
     # only what the bundle needs is vendored; nothing the checks wrote is left behind
     assert not any("mamba" in f or "perspective" in f or "_numba" in f for f in files), sorted(files)
     assert not any(f.startswith(("eval/", "schema", "runs/")) or f.endswith((".ts", ".pt2", ".pyc")) for f in files)
-    with open(os.path.join(out, "LICENSE"), "rb") as a, open(os.path.join(BUNDLE, "LICENSE"), "rb") as b:
+    with open(os.path.join(out, "LICENSE"), "rb") as a, open(os.path.join(src_dir, "LICENSE"), "rb") as b:
         assert a.read() == b.read()
     # configs: every shared_networks reference now points at the vendored copy, nothing else changed
     for cfg in ("inference.json", "train.json", "evaluate.json"):
-        with open(os.path.join(BUNDLE, "configs", cfg)) as f:
+        with open(os.path.join(src_dir, "configs", cfg)) as f:
             src = f.read()
         with open(os.path.join(out, "configs", cfg)) as f:
             got = f.read()
@@ -107,7 +113,7 @@ def test_folder_content(exported):
         assert json.loads(got) == json.loads(src.replace("shared_networks", "scripts.shared_networks"))
     with open(os.path.join(out, "configs", "metadata.json")) as f:
         meta = json.load(f)
-    with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
+    with open(os.path.join(src_dir, "configs", "metadata.json")) as f:
         src_meta = json.load(f)
     pins = meta.pop("required_packages_version")
     assert "shared-networks" not in pins and pins["pytorch-ignite"] == src_meta["required_packages_version"][
@@ -138,35 +144,37 @@ def test_large_files_hash_is_the_weights(exported):
 
 
 def test_source_bundle_unchanged(exported):
-    assert tree_digest(BUNDLE) == exported["before"]
+    assert tree_digest(exported["src"]) == exported["before"]
 
 
 def test_refuses_to_overwrite(exported, tmp_path):
-    out = exported["out"]
+    out, src = exported["out"], exported["src"]
     before = tree_digest(out)
-    r = run_export(BUNDLE, out, "--weights", exported["weights"], "--no-check", cwd=tmp_path)
+    r = run_export(src, out, "--weights", exported["weights"], "--no-check", cwd=tmp_path)
     assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
     assert tree_digest(out) == before
     # --overwrite still refuses a folder that is not a bundle
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "mine.txt").write_text("keep me")
-    r = run_export(BUNDLE, precious, "--weights", exported["weights"], "--overwrite", "--no-check", cwd=tmp_path)
+    r = run_export(src, precious, "--weights", exported["weights"], "--overwrite", "--no-check", cwd=tmp_path)
     assert r.returncode == 2 and "not a bundle folder" in r.stderr
     assert (precious / "mine.txt").read_text() == "keep me"
     # inside the source bundle: refused
-    r = run_export(BUNDLE, os.path.join(BUNDLE, "zoo"), "--weights", exported["weights"], "--no-check", cwd=tmp_path)
-    assert r.returncode == 2 and "outside the source bundle" in r.stderr and not os.path.exists(
-        os.path.join(BUNDLE, "zoo"))
+    r = run_export(src, os.path.join(src, "zoo"), "--weights", exported["weights"], "--no-check", cwd=tmp_path)
+    assert r.returncode == 2 and "outside the source bundle" in r.stderr
+    assert not os.path.exists(os.path.join(src, "zoo"))
+    assert tree_digest(src) == exported["before"]
 
 
 def test_package_mode_keeps_the_pinned_package(exported, tmp_path):
-    out = tmp_path / "pkg"
-    r = run_export(BUNDLE, out, "--weights", exported["weights"], "--code", "package", "--no-check", cwd=tmp_path)
+    out, src = tmp_path / "pkg", exported["src"]
+    r = run_export(src, out, "--weights", exported["weights"], "--code", "package", "--no-check", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not (out / "scripts").exists()
     for cfg in ("inference.json", "train.json", "metadata.json"):
-        assert (out / "configs" / cfg).read_text() == open(os.path.join(BUNDLE, "configs", cfg)).read()
+        with open(os.path.join(src, "configs", cfg)) as f:
+            assert (out / "configs" / cfg).read_text() == f.read()
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["required_packages_version"]["shared-networks"]
 
