@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from shared_networks.blocks.mamba import BiMambaPair
 from shared_networks.convert import from_official
 from shared_networks.convert.lkm_unet import infer_official_kwargs, official_aliases, to_official
-from shared_networks.nets.lkm_unet import PLANS, LKMUNet, LMBlock, PaM, PiM, official_pool_sizes, official_window_sizes
+from shared_networks.nets.lkm_unet import LKMUNet, LMBlock, PaM, PiM, official_pool_sizes, official_window_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
