@@ -275,6 +275,21 @@ def test_exp_polynomial_accuracy():
     assert np.isnan(special[0]) and 0 <= special[1] < 1e-300 and 0 <= special[2] < 1e-300 and special[3] > 1e300
 
 
+def test_fused_softplus_matches_torch():
+    from shared_networks.ops import _numba_scan
+
+    x = torch.cat([torch.linspace(-700, 800, 100001, dtype=torch.float64), torch.linspace(-3, 3, 10001,
+                   dtype=torch.float64), torch.tensor([19.999, 20.0, 20.001, 0.0], dtype=torch.float64)])
+    x.requires_grad_()
+    sp = F.softplus(x)  # threshold 20: x itself (and gradient 1) above it
+    (grad,) = torch.autograd.grad(sp.sum(), x)
+    sp = sp.detach().numpy()
+    got, got_grad = _numba_scan.softplus_vec(x.detach().numpy())
+    assert np.max(np.abs(got - sp) / sp) < 2e-11
+    assert np.max(np.abs(got_grad - grad.numpy()) / grad.numpy()) < 2e-11
+    assert np.all(np.asarray(_numba_scan.softplus_vec(np.array([-1e4]))) < 1e-300)  # exp clamped at -708
+
+
 # ---------------------------------------------------------------------------------- backend choice
 def test_auto_backend_choice(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)

@@ -10,7 +10,9 @@ Layout and vectorisation
 Precision
     Inputs and outputs are float32; every state, product and accumulation is float64. ``exp`` is evaluated with
     a vectorisable Cody-Waite + degree-9 polynomial (relative error < 1e-11, far below float32 resolution): the
-    libm call would stop LLVM from vectorising the inner loop and costs about 3x more.
+    libm call would stop LLVM from vectorising the inner loop and costs about 3x more. The step
+    ``softplus(delta + delta_bias)`` and its derivative are computed in the kernels too (vectorised log1p), so
+    no extra full-size tensors are made for them.
 
 Backward
     The forward stores the float64 state at the start of every tile (``ckpt``, 1/T of the full state history).
@@ -90,6 +92,46 @@ def _exp(x):
     return p * _pow2_bits(k)
 
 
+_LN2 = 0.6931471805599453
+
+
+@njit(inline="always", fastmath=False)
+def _log1p_unit(y):
+    """log(1 + y) for y in [0, 1] (vectorisable): 2 atanh(s) series with |s| <= 0.172, relative error < 2e-12."""
+    hi = y > 0.41421356237309503  # (1 + y) / 2 in (0.707, 1]: log(1 + y) = ln 2 + log((1 + y) / 2)
+    s = (y - 1.0) / (y + 3.0) if hi else y / (2.0 + y)
+    s2 = s * s
+    p = _fma(s2, 1.0 / 13.0, 1.0 / 11.0)
+    p = _fma(p, s2, 1.0 / 9.0)
+    p = _fma(p, s2, 1.0 / 7.0)
+    p = _fma(p, s2, 1.0 / 5.0)
+    p = _fma(p, s2, 1.0 / 3.0)
+    p = _fma(p, s2, 1.0)
+    return _fma(2.0 * s, p, _LN2 if hi else 0.0)
+
+
+@njit(inline="always", fastmath=False)
+def _softplus(x):
+    """(softplus(x), d softplus / dx) with torch's threshold 20 (above it: x and 1 exactly)."""
+    y = _exp(-abs(x))
+    sp = max(x, 0.0) + _log1p_unit(y)
+    sg = 1.0 / (1.0 + y) if x >= 0.0 else y / (1.0 + y)
+    if x > 20.0:
+        sp = x
+        sg = 1.0
+    return sp, sg
+
+
+@njit(cache=True, fastmath=False)
+def softplus_vec(x):
+    """Elementwise ``_softplus`` (exposed for tests)."""
+    out = np.empty_like(x)
+    grad = np.empty_like(x)
+    for i in range(x.size):
+        out[i], grad[i] = _softplus(x[i])
+    return out, grad
+
+
 @njit(cache=True, fastmath=False)
 def exp_vec(x):
     """Elementwise ``_exp`` (exposed for tests of the polynomial)."""
@@ -121,12 +163,13 @@ _GY0, _U, _BDT, _BDU, _GDT, _GU, _PB, _PC = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 @njit(parallel=True, fastmath=False, cache=True)
-def scan_fwd(u, delta, A, B, C, Dv, z, has_z, save_ckpt, y, last, ckpt):
+def scan_fwd(u, delta, A, B, C, Dv, dbias, z, has_z, softplus, save_ckpt, y, last, ckpt):
     """Forward scan.
 
-    u, delta, z: (nb, nd, L) float32 (delta already biased / softplus-ed; z ignored unless has_z);
-    A: (nd, N); B, C: (nb, G, N, L); Dv: (nd,) (zeros for "no D"). Outputs: y (nb, nd, L) float32,
-    last (nb, nd, N) float32, ckpt (nb, ceil(L/T), N, nd) float64 (written only if save_ckpt).
+    u, delta, z: (nb, nd, L) float32 (the step is ``softplus(delta + dbias)`` if softplus else
+    ``delta + dbias``; z ignored unless has_z); A: (nd, N); B, C: (nb, G, N, L); Dv, dbias: (nd,) (zeros when
+    absent). Outputs: y (nb, nd, L) float32, last (nb, nd, N) float32, ckpt (nb, ceil(L/T), N, nd) float64
+    (written only if save_ckpt).
     """
     nb, nd, L = u.shape
     N = A.shape[1]
@@ -140,8 +183,10 @@ def scan_fwd(u, delta, A, B, C, Dv, z, has_z, save_ckpt, y, last, ckpt):
         st = np.zeros((N, 2, W))  # per state n: [h | A]
         lv = np.zeros((3, W))  # [delta | delta * u | y accumulator]
         dv = np.zeros(W)
+        bv = np.zeros(W)
         for j in range(wv):
             dv[j] = Dv[c0 + j]
+            bv[j] = dbias[c0 + j]
             for n in range(N):
                 st[n, 1, j] = A[c0 + j, n]
         # padded lanes (j >= wv) keep zero inputs, hence a zero state, and are never written out
@@ -163,6 +208,12 @@ def scan_fwd(u, delta, A, B, C, Dv, z, has_z, save_ckpt, y, last, ckpt):
                 if has_z:
                     for tt in range(tl):
                         zt[tt * W + j] = z[b, c0 + j, t0 + tt]
+            for tt in range(tl):
+                for j in range(W):
+                    x = dtt[tt * W + j] + bv[j]
+                    if softplus:
+                        x = _softplus(x)[0]
+                    dtt[tt * W + j] = x if j < wv else 0.0  # padded lanes: zero step, zero state
             for tt in range(tl):
                 t = t0 + tt
                 r = tt * W
@@ -193,13 +244,14 @@ def scan_fwd(u, delta, A, B, C, Dv, z, has_z, save_ckpt, y, last, ckpt):
 
 
 @njit(parallel=True, fastmath=False, cache=True)
-def scan_bwd(u, delta, A, B, C, Dv, z, has_z, ckpt, gy, glast, has_glast, gu, gdelta, gz, gA, gD, gB, gC):
+def scan_bwd(u, delta, A, B, C, Dv, dbias, z, has_z, softplus, ckpt, gy, glast, has_glast,
+             gu, gdelta, gz, gA, gD, gbias, gBp, gCp, gB, gC):
     """Backward scan (see module docstring).
 
     Inputs as in ``scan_fwd`` plus ckpt from it, gy (nb, nd, L) float32, glast (nb, nd, N) float32 (used if
-    has_glast). Outputs: gu, gdelta, gz (nb, nd, L) float32 (gz written only if has_z); gA (nb, nd, N) and
-    gD (nb, nd) float64 per-batch partials; gB, gC (nb, n_blocks, N, L) float32 per-block partials, the
-    ``ceil((nd // G) / W)`` blocks of group g being consecutive.
+    has_glast). Outputs: gu, gdelta (w.r.t. the raw delta), gz (nb, nd, L) float32 (gz written only if
+    has_z); gA (nb, nd, N), gD and gbias (nb, nd) float64 per-batch partials; gB, gC (nb, G, N, L) float32.
+    gBp, gCp (nb, n_blocks, N, L) float32 are scratch for the per-block partial sums over channels.
     """
     nb, nd, L = u.shape
     N = A.shape[1]
@@ -213,13 +265,17 @@ def scan_bwd(u, delta, A, B, C, Dv, z, has_z, ckpt, gy, glast, has_glast, gu, gd
         # per state n: [adjoint carried to the previous step (already times its decay) | A | dL/dA]
         st = np.zeros((N, 3, W))
         dv = np.zeros(W)
+        bv = np.zeros(W)
         for j in range(wv):
             dv[j] = Dv[c0 + j]
+            bv[j] = dbias[c0 + j]
             for n in range(N):
                 st[n, 1, j] = A[c0 + j, n]
                 if has_glast:
                     st[n, 0, j] = glast[b, c0 + j, n]
         gDl = np.zeros(W)
+        gbl = np.zeros(W)
+        sgt = np.zeros(T * W)  # d step / d raw delta
         # tile states: state n, step s (0..T) -> [h_s | decay from h_{s-1} to h_s]; s = 0 is the checkpoint.
         # (n outermost: consecutive steps are then a constant W apart, which LLVM can prove disjoint)
         tb = np.zeros((N, T + 1, 2, W))
@@ -245,6 +301,14 @@ def scan_bwd(u, delta, A, B, C, Dv, z, has_z, ckpt, gy, glast, has_glast, gu, gd
                         zt[tt * W + j] = z[b, c0 + j, t0 + tt]
                 for n in range(N):
                     tb[n, 0, 0, j] = ckpt[b, k, n, c0 + j]
+            for tt in range(tl):
+                for j in range(W):
+                    x = dtt[tt * W + j] + bv[j]
+                    sg = 1.0
+                    if softplus:
+                        x, sg = _softplus(x)
+                    dtt[tt * W + j] = x if j < wv else 0.0
+                    sgt[tt * W + j] = sg
             # recompute the tile's states, decays and pre-gate outputs
             for tt in range(tl):
                 t = t0 + tt
@@ -316,11 +380,13 @@ def scan_bwd(u, delta, A, B, C, Dv, z, has_z, ckpt, gy, glast, has_glast, gu, gd
                         sC5 += lv[_PC, q + 5]
                         sC6 += lv[_PC, q + 6]
                         sC7 += lv[_PC, q + 7]
-                    gB[b, blk, n, t] = ((sB0 + sB1) + (sB2 + sB3)) + ((sB4 + sB5) + (sB6 + sB7))
-                    gC[b, blk, n, t] = ((sC0 + sC1) + (sC2 + sC3)) + ((sC4 + sC5) + (sC6 + sC7))
+                    gBp[b, blk, n, t] = ((sB0 + sB1) + (sB2 + sB3)) + ((sB4 + sB5) + (sB6 + sB7))
+                    gCp[b, blk, n, t] = ((sC0 + sC1) + (sC2 + sC3)) + ((sC4 + sC5) + (sC6 + sC7))
                 for j in range(W):
                     gut[r + j] = lv[_GU, j]
-                    gdt[r + j] = lv[_GDT, j]
+                    gd = lv[_GDT, j] * sgt[r + j]
+                    gdt[r + j] = gd
+                    gbl[j] += gd
             for j in range(wv):
                 for tt in range(tl):
                     gu[b, c0 + j, t0 + tt] = gut[tt * W + j]
@@ -330,5 +396,18 @@ def scan_bwd(u, delta, A, B, C, Dv, z, has_z, ckpt, gy, glast, has_glast, gu, gd
                         gz[b, c0 + j, t0 + tt] = gzt[tt * W + j]
         for j in range(wv):
             gD[b, c0 + j] = gDl[j]
+            gbias[b, c0 + j] = gbl[j]
             for n in range(N):
                 gA[b, c0 + j, n] = st[n, 2, j]
+    # B/C gradients: add the blocks of each group (fixed order, so results do not depend on the thread count)
+    for row in prange(nb * G * N):
+        b = row // (G * N)
+        g = (row // N) % G
+        n = row % N
+        for t in range(L):
+            gB[b, g, n, t] = gBp[b, g * bpg, n, t]
+            gC[b, g, n, t] = gCp[b, g * bpg, n, t]
+        for k in range(1, bpg):
+            for t in range(L):
+                gB[b, g, n, t] += gBp[b, g * bpg + k, n, t]
+                gC[b, g, n, t] += gCp[b, g * bpg + k, n, t]

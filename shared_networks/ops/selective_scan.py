@@ -278,80 +278,87 @@ def _numba_threads():
     return nm
 
 
-def _np(t):
-    return t.detach().contiguous().numpy()
+def _np(*ts):
+    """numpy views of contiguous CPU tensors (no copies) for the kernels."""
+    return [t.detach().numpy() for t in ts]
 
 
 class _CpuScanFn(torch.autograd.Function):
-    """u, delta (final), A, B (b, G, N, L), C, D|None, z|None  ->  y, last_state; all float32 on CPU."""
+    """float32 CPU tensors u, delta, A, B (b, G, N, L), C, D|None, z|None, delta_bias|None  ->  y, last_state.
+
+    The step ``softplus(delta + delta_bias)`` is formed inside the kernels (forward and backward).
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         nm = _numba_threads()
         b, d, L = u.shape
         n = A.shape[1]
         need_grad = any(ctx.needs_input_grad)
-        Dv = D if D is not None else u.new_zeros(d)
-        zz = z if z is not None else u
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        Dv = D.contiguous() if D is not None else u.new_zeros(d)
+        bias = delta_bias.contiguous() if delta_bias is not None else u.new_zeros(d)
+        zz = z.contiguous() if z is not None else u
         y = u.new_empty(b, d, L)
         last = u.new_empty(b, d, n)
         ckpt = torch.empty((b, -(-L // nm.T), n, d) if need_grad else (0, 0, 0, 0), dtype=torch.float64)
-        args = [_np(t) for t in (u, delta, A, B, C, Dv, zz)]
         with _numba_lock:
-            nm.scan_fwd(*args, z is not None, need_grad, y.numpy(), last.numpy(), ckpt.numpy())
+            nm.scan_fwd(*_np(u, delta, A, B, C, Dv, bias, zz), z is not None, softplus, need_grad,
+                        *_np(y, last, ckpt))
         if need_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, Dv, bias, zz, ckpt)
+            ctx.flags = (D is not None, z is not None, delta_bias is not None, softplus)
         ctx.set_materialize_grads(False)
         return y, last
 
     @staticmethod
     def backward(ctx, gy, glast):
-        u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, Dv, bias, zz, ckpt = ctx.saved_tensors
+        has_D, has_z, has_bias, softplus = ctx.flags
         nm = _numba_threads()
         b, d, L = u.shape
         n, g = A.shape[1], B.shape[1]
         nbt = g * -(-(d // g) // nm.W)
-        if gy is None:
-            gy = u.new_zeros(b, d, L)
+        gy = gy.float().contiguous() if gy is not None else u.new_zeros(b, d, L)
+        gl = glast.float().contiguous() if glast is not None else u.new_zeros(1, 1, 1)
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
-        gz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
+        gz = torch.empty_like(u) if has_z else u.new_empty(0, 0, 0)
         gA = torch.empty(b, d, n, dtype=torch.float64)
         gD = torch.empty(b, d, dtype=torch.float64)
-        gB = u.new_empty(b, nbt, n, L)
-        gC = u.new_empty(b, nbt, n, L)
-        Dv = D if D is not None else u.new_zeros(d)
-        zz = z if z is not None else u
-        gl = _np(glast.float()) if glast is not None else _np(u.new_zeros(1, 1, 1))
-        args = [_np(t) for t in (u, delta, A, B, C, Dv, zz)]
+        gbias = torch.empty(b, d, dtype=torch.float64)
+        gB, gC = torch.empty_like(B), torch.empty_like(C)
+        gBp, gCp = u.new_empty(b, nbt, n, L), u.new_empty(b, nbt, n, L)
         with _numba_lock:
-            nm.scan_bwd(*args, z is not None, ckpt.numpy(), _np(gy.float()), gl, glast is not None,
-                        gu.numpy(), gdelta.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy())
+            nm.scan_bwd(*_np(u, delta, A, B, C, Dv, bias, zz), has_z, softplus, ckpt.numpy(), *_np(gy, gl),
+                        glast is not None, *_np(gu, gdelta, gz, gA, gD, gbias, gBp, gCp, gB, gC))
         need = ctx.needs_input_grad
         return (
             gu if need[0] else None,
             gdelta if need[1] else None,
             gA.sum(0).float() if need[2] else None,
-            gB.view(b, g, -1, n, L).sum(2) if need[3] else None,
-            gC.view(b, g, -1, n, L).sum(2) if need[4] else None,
-            gD.sum(0).float() if (D is not None and need[5]) else None,
-            gz if (z is not None and need[6]) else None,
+            gB if need[3] else None,
+            gC if need[4] else None,
+            gD.sum(0).float() if (has_D and need[5]) else None,
+            gz if (has_z and need[6]) else None,
+            gbias.sum(0).float() if (has_bias and need[7]) else None,
+            None,
         )
 
 
 def selective_scan_cpu(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
-    """Fused numba CPU scan (float32 in/out, float64 inside); bias and softplus of delta stay in autograd."""
+    """Fused numba CPU scan: float32 in and out (other float types are converted), float64 inside."""
     if u.device.type != "cpu":
         raise RuntimeError(f"selective-scan backend 'cpu' needs CPU tensors, got {u.device}.")
     dtype_in = u.dtype
-    ct = torch.float32
-    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
-    B = B.to(ct) if B.dim() == 4 else B.to(ct).unsqueeze(1)
-    C = C.to(ct) if C.dim() == 4 else C.to(ct).unsqueeze(1)
-    y, last = _CpuScanFn.apply(
-        u.to(ct), delta, A.to(ct), B, C, None if D is None else D.to(ct), None if z is None else z.to(ct)
-    )
+
+    def f32(t):
+        return None if t is None else t.to(torch.float32)
+
+    B = f32(B) if B.dim() == 4 else f32(B).unsqueeze(1)
+    C = f32(C) if C.dim() == 4 else f32(C).unsqueeze(1)
+    y, last = _CpuScanFn.apply(f32(u), f32(delta), f32(A), B, C, f32(D), f32(z), f32(delta_bias), bool(delta_softplus))
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
 
