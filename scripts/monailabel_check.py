@@ -348,10 +348,26 @@ def bundle_run_reference(spec: BundleSpec, bundle_copy: str, ref_in: str, out_di
     if r.returncode != 0:
         raise RuntimeError(f"monai.bundle run failed (exit {r.returncode}); see {out_dir}.log:\n"
                            + tail(out_dir + ".log"))
-    outs = [os.path.join(dp, f) for dp, _, fs in os.walk(out_dir) for f in fs]
+    outs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(out_dir) for f in fs)
+    if len(outs) > 1:  # e.g. probabilities saved next to the label: keep the file of the output key's SaveImaged
+        postfix = _saved_postfix(os.path.join(bundle_copy, "configs", "inference.json"), spec.output_key)
+        outs = [o for o in outs if postfix and f"_{postfix}." in os.path.basename(o)]
     if len(outs) != 1:
-        raise RuntimeError(f"monai.bundle run wrote {len(outs)} files in {out_dir}, expected one label: {outs}")
+        raise RuntimeError(f"monai.bundle run wrote no single '{spec.output_key}' file in {out_dir}: {outs}")
     return outs[0]
+
+
+def _saved_postfix(config_file: str, key: str) -> str | None:
+    """``output_postfix`` of the ``*SaveImaged`` transform in ``postprocessing`` that saves ``key``."""
+    with open(config_file) as f:
+        post = json.load(f).get("postprocessing", {})
+    transforms = post.get("transforms", []) if isinstance(post, dict) else post
+    for t in transforms if isinstance(transforms, list) else []:
+        keys = t.get("keys") if isinstance(t, dict) else None
+        keys = [keys] if isinstance(keys, str) else keys or []
+        if str(t.get("_target_", "")).endswith("SaveImaged") and key in keys:
+            return t.get("output_postfix", "trans")  # MONAI's default postfix
+    return None
 
 
 def tail(path: str, n: int = 40) -> str:
@@ -574,7 +590,7 @@ def check_bundle(src: str, work: str, args, env: dict, stock_app: str) -> Result
     if edits:
         res.add("config edits of the COPY (--set)", "NOTE", ", ".join(edits))
     model_pt = os.path.join(bundle_copy, "models", "model.pt")
-    if os.path.isfile(model_pt):
+    if os.path.isfile(model_pt) and not args.init_weights:
         weights_from = "bundle's models/model.pt"
     else:
         save_initial_weights(bundle_copy)
@@ -787,6 +803,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work folder after a passing run")
     p.add_argument("--rebuild-venv", action="store_true", help="delete and rebuild the venv first")
     p.add_argument("--setup-only", action="store_true", help="only build (or check) the venv")
+    p.add_argument("--init-weights", action="store_true",
+                   help="use the initialised network as models/model.pt even if the bundle has trained weights")
     p.add_argument("--skip-train", action="store_true", help="skip the server-side training step")
     p.add_argument("--image-ext", default=None, help="2D bundles: file format of the studies (default: from configs)")
     p.add_argument("--set", action="append", metavar="FILE:KEY=JSON",
