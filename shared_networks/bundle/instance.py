@@ -374,7 +374,8 @@ class SegmentationAccuracyMetric(CumulativeIterationMetric):
                 f"instance maps must be (B, 1, *spatial) with one channel of object ids, got {tuple(y_pred.shape)}."
             )
         vals = [mean_segmentation_accuracy(p[0], g[0], self.thresholds) for p, g in zip(y_pred, y)]
-        return torch.tensor(vals, dtype=torch.float32).reshape(-1, 1)
+        # on the prediction's device: the buffers are all-gathered across ranks (NCCL needs CUDA tensors)
+        return torch.tensor(vals, dtype=torch.float32, device=y_pred.device).reshape(-1, 1)
 
     def aggregate(self, reduction: MetricReduction | str | None = None):  # type: ignore[override]
         data = self.get_buffer()
@@ -464,7 +465,9 @@ class ChannelDiceLoss(_Loss):
 
 
 def _like(ref, array: np.ndarray, dtype=None) -> torch.Tensor:
-    t = torch.as_tensor(array if dtype is None else array.astype(dtype))
+    """``array`` as a tensor on ``ref``'s device, with ``ref``'s metadata when it is a MetaTensor."""
+    device = ref.device if torch.is_tensor(ref) else None
+    t = torch.as_tensor(array if dtype is None else array.astype(dtype), device=device)
     if isinstance(ref, MetaTensor):
         return MetaTensor(t, meta=dict(ref.meta), applied_operations=list(ref.applied_operations))
     return t
