@@ -564,3 +564,19 @@ def test_every_augmentation_keeps_image_and_label_aligned(overlay, shape):
             assert values <= {0.0, 5.0}, f"{type(aug).__name__} made label values {values}"
             assert torch.isfinite(torch.as_tensor(out["image"])).all()
     set_determinism(seed=None)
+
+
+@pytest.mark.parametrize("flag", ["true", "false", True, False])
+def test_command_line_flags_switch_transforms(flag):
+    """``--resize_slices false`` arrives as the string "false" from the command line; it must mean False."""
+    from monai.bundle import ConfigParser
+
+    on = flag in ("true", True)
+    parser = ConfigParser()
+    parser.read_config(_cfg("train.json"))
+    parser.update({"resize_slices": flag, "map_btcv_labels": flag, "augment": flag})
+    names = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
+    assert ("Resized" in names) == on and ("Spacingd" in names) == (not on), names
+    assert ("BTCVToSynapsed" in names) == on, names
+    random_names = [type(t).__name__ for t in parser.get_parsed_content("train#random_transforms") if t is not None]
+    assert ("SomeOf" in random_names) == on, random_names
