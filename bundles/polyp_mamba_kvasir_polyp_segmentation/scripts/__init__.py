@@ -1,0 +1,1 @@
+"""Helper scripts of the Polyp-Mamba polyp segmentation bundle (data preparation); the configs do not import them."""
