@@ -71,11 +71,15 @@ def save_overlay(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, path: Pat
     slices = sorted({*slices, int(np.argmax((ref == 6).sum((0, 1))))})  # include the slice with most liver
     fig, axes = plt.subplots(2, len(slices), figsize=(4 * len(slices), 8), squeeze=False)
     window = np.clip((image + 175) / 425, 0, 1)
+
+    def radiological(a):  # RAS array slice -> anterior up, patient's right on the viewer's left
+        return np.rot90(a)[:, ::-1]
+
     for j, z in enumerate(slices):
         for i, (lbl, title) in enumerate(((ref, "reference"), (pred, "UNETR++ (demo)"))):
             ax = axes[i, j]
-            ax.imshow(np.rot90(window[:, :, z]), cmap="gray")
-            ax.imshow(np.rot90(np.ma.masked_equal(lbl[:, :, z], 0)), cmap=cmap, vmin=0, vmax=13, alpha=0.5,
+            ax.imshow(radiological(window[:, :, z]), cmap="gray")
+            ax.imshow(radiological(np.ma.masked_equal(lbl[:, :, z], 0)), cmap=cmap, vmin=0, vmax=13, alpha=0.5,
                       interpolation="nearest")
             ax.set_title(f"{title}, slice {z}")
             ax.axis("off")
@@ -86,7 +90,7 @@ def save_overlay(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, path: Pat
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=100, help="training iterations (one 3D patch each)")
+    p.add_argument("--iterations", type=int, default=200, help="training iterations (one 3D patch each)")
     p.add_argument("--out", default=str(REPO / "demo_output"), help="output folder (git-ignored)")
     args = p.parse_args(argv)
     import nibabel as nib
@@ -117,9 +121,10 @@ def main(argv=None) -> int:
     seg_path = seg_dir / "ct_seg.nii.gz"
 
     print("3/3 Dice per organ and overlay ...")
-    image = nib.load(str(DEMO_CT / "image.nii.gz")).get_fdata()
-    ref = nib.load(str(DEMO_CT / "label_btcv.nii.gz")).get_fdata().round().astype(np.int16)
-    pred = nib.load(str(seg_path)).get_fdata().round().astype(np.int16)
+    canonical = lambda p: nib.as_closest_canonical(nib.load(str(p))).get_fdata()  # noqa: E731  (RAS axes)
+    image = canonical(DEMO_CT / "image.nii.gz")
+    ref = canonical(DEMO_CT / "label_btcv.nii.gz").round().astype(np.int16)
+    pred = canonical(seg_path).round().astype(np.int16)
     dice = dice_per_organ(pred, ref)
     print(f"\n{'organ':<22} Dice")
     for c, name in ORGANS.items():

@@ -234,3 +234,37 @@ def test_train_evaluate_infer_export(bundle, tmp_path):
                                   ckpt_file=str(root / "models" / "model.pt"), config_file=override_cfgs,
                                   spatial_shape=roi)
             assert os.path.isfile(path)
+
+
+def test_inference_preprocessing_matches_training(bundle, tmp_path):
+    """MONAI configs cannot share a transform list across files, so train.json and inference.json each carry one:
+    the network definition must be identical, and the image the network sees at inference must be exactly the
+    image validation sees during training (same loading, orientation, spacing, intensity scaling)."""
+    from monai.bundle import ConfigParser
+
+    meta = read_meta(bundle)
+    train, infer = ConfigParser(), ConfigParser()
+    train.read_config(_cfg(bundle, "train.json"))
+    infer.read_config(_cfg(bundle, "inference.json"))
+    assert train.get("network_def") == infer.get("network_def")
+    for key in ("roi_size", "num_classes", "pixdim", "hu_min", "hu_max", "scaled_min", "scaled_max"):
+        if key in train or key in infer:
+            assert train.get(key) == infer.get(key), f"{key} differs between train.json and inference.json"
+    roi = train.get("roi_size")
+    if roi is not None:  # the metadata's patch is the ROI (a slice-wise 2D bundle may append a singleton axis)
+        shape = list(meta["network_data_format"]["inputs"]["image"]["spatial_shape"])
+        assert shape[: len(roi)] == list(roi) and all(s == 1 for s in shape[len(roi):]), (roi, shape)
+    assert train.get("num_classes", meta["network_data_format"]["outputs"]["pred"]["num_channels"]) == \
+        meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+
+    ds = make_synthetic_dataset(tmp_path / "ds", meta, _tiny_shape(meta), n_train=1, n_test=0)
+    image = str(next((ds / "imagesTr").iterdir()))
+    label = str(next((ds / "labelsTr").iterdir()))
+    for parser in (train, infer):
+        parser["bundle_root"] = str(tmp_path)
+        parser["dataset_dir"] = str(ds)
+    a = train.get_parsed_content("validate#preprocessing")({"image": image, "label": label})["image"]
+    b = infer.get_parsed_content("preprocessing")({"image": image})["image"]
+    assert a.shape == b.shape
+    assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), "inference preprocessing differs from training"
+    assert torch.allclose(a.affine, b.affine)

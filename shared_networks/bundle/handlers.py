@@ -248,7 +248,8 @@ def _names_for(ncols: int, class_names) -> list[str]:
 
 
 def _clean(v: float):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+    """JSON-safe value: NaN (class absent) and Inf (e.g. HD95 with an empty prediction) become null."""
+    return None if v is None or not math.isfinite(float(v)) else round(float(v), 6)
 
 
 class ClassMetricsSaver:
@@ -297,7 +298,8 @@ class ClassMetricsSaver:
                 continue
             t = torch.as_tensor(v, dtype=torch.float64).cpu().reshape(len(v), -1)
             names = _names_for(t.shape[1], self.class_names)
-            per_class = {n: _clean(float(t[:, i][~torch.isnan(t[:, i])].mean())) for i, n in enumerate(names)}
+            finite = torch.isfinite(t)
+            per_class = {n: _clean(float(t[:, i][finite[:, i]].mean())) for i, n in enumerate(names)}
             valid = [x for x in per_class.values() if x is not None]
             per_class["mean"] = _clean(sum(valid) / len(valid)) if valid else None
             report["per_class"][k] = per_class

@@ -48,8 +48,6 @@ class SafeLoadImaged(LoadImaged):
                 raise ValueError(f"{key} file is empty: {path}")
         try:
             return super().__call__(d, reader)
-        except (FileNotFoundError, ValueError):
-            raise
         except Exception as e:  # noqa: BLE001 - reader errors come in many types; report them uniformly
             paths = [str(d[k]) for k in self.key_iterator(d) if isinstance(d[k], (str, os.PathLike))]
             raise ValueError(
