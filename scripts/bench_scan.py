@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -89,8 +90,12 @@ def main(argv=None):
     if "ref" not in backends:
         backends.append("ref")
     shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backends {backends}\n")
-    print("| shape (b, d, N, L) | backend | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up | fwd err | grad err |")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, backends {backends}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start\n"
+    )
+    print("| shape (b, d, N, L) | backend | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up | fwd err "
+          "| grad err |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for shape in shapes:
         inp = make_inputs(*shape)
@@ -111,6 +116,7 @@ def main(argv=None):
             rows.append((be, tf, base["f"] / tf, tb, base["b"] / tb, err_f, err_g))
         for be, tf, sf, tb, sb, ef, eg in rows:
             print(f"| {shape} | {be} | {tf:.1f} | {sf:.1f}x | {tb:.1f} | {sb:.1f}x | {ef:.1e} | {eg:.1e} |", flush=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at end")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Shapes: u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (
 state (batch, dim, N) with ``return_last_state=True`` (float32, or float64 for float64 input on the torch/ref
 backends). This is ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``'s contract (the simplified
 ``delta * B`` discretisation of B, as in the CUDA kernel). Every backend is differentiable with respect to all
-tensor inputs, the returned last state included.
+tensor inputs; the cpu/torch/ref backends also propagate a gradient that reaches the returned last state
+(mamba-ssm's CUDA backward ignores it).
 
 Backends:
     ``"cuda"``   mamba-ssm's kernel (only when mamba_ssm imports and the tensors are on CUDA; not float64).
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +107,9 @@ def get_backend(u: torch.Tensor) -> str:
     if forced is None:
         forced = os.environ.get(_ENV, "auto").strip().lower() or "auto"
         if forced != "auto" and forced not in _NAMES:
-            raise ValueError(f"{_ENV}={forced!r} is not a selective-scan backend; choose from {list(_NAMES)} or 'auto'.")
+            raise ValueError(
+                f"{_ENV}={forced!r} is not a selective-scan backend; choose from {list(_NAMES)} or 'auto'."
+            )
     if forced == "cuda":
         if _mamba_scan_fn is None or not u.is_cuda or u.dtype == torch.float64:
             raise RuntimeError(
@@ -115,7 +119,9 @@ def get_backend(u: torch.Tensor) -> str:
         return forced
     if forced == "cpu":
         if u.device.type != "cpu" or not (u.dtype in _LOW_PRECISION or u.dtype == torch.float64):
-            raise RuntimeError(f"selective-scan backend 'cpu' needs CPU floating-point tensors (got {u.dtype} on {u.device}).")
+            raise RuntimeError(
+                f"selective-scan backend 'cpu' needs CPU floating-point tensors (got {u.dtype} on {u.device})."
+            )
         if _numba() is None:
             raise RuntimeError("selective-scan backend 'cpu' needs numba (pip install numba); use 'torch' instead.")
         return forced
@@ -238,20 +244,23 @@ def selective_scan_torch(
     if pad:  # zero steps: decay exp(0) = 1 and no input, so the state passes through unchanged
         dl, uu = F.pad(dl, (0, pad)), F.pad(uu, (0, pad))
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
-    # time-major layouts (T, b, g, d/g, nc, n) so the per-step slices are contiguous
-    dl_t = dl.reshape(b, g, d // g, nc, T).permute(4, 0, 1, 2, 3)
-    du_t = (dl * uu).reshape(b, g, d // g, nc, T).permute(4, 0, 1, 2, 3)
-    B_t = B.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3)  # (T, b, g, 1, nc, n)
-    C_t = C.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3)
-    decay = torch.exp(dl_t.unsqueeze(-1) * A.reshape(g, d // g, 1, n))  # (T, b, g, d/g, nc, n)
-    x = du_t.unsqueeze(-1) * B_t
-    chunk_decay = decay.prod(0)
+    # time-major layouts so the per-step slices are contiguous (elementwise ops keep the strides of permuted
+    # inputs, hence the explicit .contiguous()); the (.., nc, n) decays and inputs of a step are formed inside
+    # the loops: materialising them for all L steps costs more (memory traffic, page faults) than the 2nd exp
+    dl_t = dl.reshape(b, g, d // g, nc, T).permute(4, 0, 1, 2, 3).contiguous().unsqueeze(-1)  # (T, b, g, p, nc, 1)
+    du_t = (dl * uu).reshape(b, g, d // g, nc, T).permute(4, 0, 1, 2, 3).contiguous().unsqueeze(-1)
+    B_t = B.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3).contiguous()  # (T, b, g, 1, nc, n)
+    C_t = C.reshape(b, g, n, nc, T).permute(4, 0, 1, 3, 2).unsqueeze(3).contiguous()
+    A_ = A.reshape(g, d // g, 1, n)
     # unbind instead of indexing in the loops: the backward of x[t] would allocate a full-size zero tensor per step
-    decays, xs, cs = decay.unbind(0), x.unbind(0), C_t.unbind(0)
-    # (1) local end state of every chunk
-    h = torch.zeros_like(xs[0])
+    dls, dus, bs, cs = dl_t.unbind(0), du_t.unbind(0), B_t.unbind(0), C_t.unbind(0)
+    # (1) local end state and total decay of every chunk
+    h = chunk_decay = None
     for t in range(T):
-        h = torch.addcmul(xs[t], decays[t], h)
+        decay = torch.exp(dls[t] * A_)
+        x = dus[t] * bs[t]
+        h = x if h is None else torch.addcmul(x, decay, h)
+        chunk_decay = decay if chunk_decay is None else chunk_decay * decay
     # (2) true state entering every chunk
     H = h.new_zeros(b, g, d // g, n)
     starts = []
@@ -262,7 +271,7 @@ def selective_scan_torch(
     # (3) states and outputs
     ys = []
     for t in range(T):
-        h = torch.addcmul(xs[t], decays[t], h)
+        h = torch.addcmul(dus[t] * bs[t], torch.exp(dls[t] * A_), h)
         ys.append((h * cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1).reshape(b, d, nc * T)[..., :L]
     y = _finish(y, u, D, z, ct).to(dtype_in)
@@ -356,9 +365,22 @@ def selective_scan_cpu(
     def f32(t):
         return None if t is None else t.to(torch.float32)
 
-    B = f32(B) if B.dim() == 4 else f32(B).unsqueeze(1)
-    C = f32(C) if C.dim() == 4 else f32(C).unsqueeze(1)
-    y, last = _CpuScanFn.apply(f32(u), f32(delta), f32(A), B, C, f32(D), f32(z), f32(delta_bias), bool(delta_softplus))
+    B4 = f32(B) if B.dim() == 4 else f32(B).unsqueeze(1)
+    C4 = f32(C) if C.dim() == 4 else f32(C).unsqueeze(1)
+    try:
+        y, last = _CpuScanFn.apply(
+            f32(u), f32(delta), f32(A), B4, C4, f32(D), f32(z), f32(delta_bias), bool(delta_softplus)
+        )
+    except Exception as err:
+        from numba.core.errors import NumbaError
+
+        if not isinstance(err, NumbaError):
+            raise
+        # the kernels could not be compiled on this platform: use the torch backend from now on
+        global _numba_mod
+        _numba_mod = False
+        warnings.warn(f"selective_scan: numba kernels unusable ({err!r}); falling back to the torch backend.")
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
 
