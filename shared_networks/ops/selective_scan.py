@@ -127,6 +127,9 @@ def get_backend(u: torch.Tensor) -> str:
         return forced
     if forced != "auto":
         return forced
+    if torch.jit.is_tracing():
+        # custom autograd Functions (numba, mamba-ssm) cannot be recorded into a TorchScript trace; plain ops can
+        return "torch"
     if u.is_cuda and _mamba_scan_fn is not None and u.dtype in _LOW_PRECISION:
         return "cuda"
     if u.device.type == "cpu" and u.dtype in _LOW_PRECISION and _numba() is not None:
