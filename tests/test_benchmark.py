@@ -151,7 +151,8 @@ def test_render_from_json_with_timeouts_and_failures(tmp_path):
               scan_flops=int(2.5e9), windows=300, warmup_s=1.5, infer_s=100.0, infer_peak_mb=2048.0,
               inferer="SlidingWindowInferer(...)")
     timeout = dict(status="timeout", error="timeout after 600 s", params=42, roi=[128, 128, 64], flops=int(9.5e10),
-                   warmup_s=3.0, windows_expected=196, windows_done=40, infer_elapsed_s=590.0)
+                   warmup_s=3.0, windows_expected=196, windows_done=40, infer_elapsed_s=590.0,
+                   infer_peak_mb_partial=2500.0)
     train_ok = dict(status="ok", train_roi=[96, 96, 96], train_s=12.5, train_peak_mb=3000.0, loss="DiceCELoss",
                     optimizer="AdamW", train_warmup_s=20.0)
     failed = dict(status="failed", error="ValueError: bad ROI")
@@ -170,12 +171,50 @@ def test_render_from_json_with_timeouts_and_failures(tmp_path):
     rows = _table(md)
     assert rows["fast_bundle"]["GFLOPs / window"] == "330.0 + 2.50 scan"
     assert rows["fast_bundle"]["params"] == "1,234,567" and rows["fast_bundle"]["windows"] == "300"
+    assert rows["slow_bundle"]["peak RSS MB"] == "≥2500 (at timeout)"
     slow = rows["slow_bundle"]
     assert slow["inference s"].startswith("timeout (≈2891 est.: 40/196 windows")
     assert slow["windows"] == "196" and slow["train iter s"] == "failed"
     assert "training failed: ValueError: bad ROI" in md
     assert "other processes shared the CPU" in md  # load 5 on 2 CPUs is flagged
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_report(label, kind, sizes=None, load=1.0):
+    res = dict(status="ok", params=10, roi=[8, 8], flops=10**9, windows=4, warmup_s=0.1, infer_s=1.0,
+               infer_peak_mb=500.0)
+    train = dict(status="ok", train_roi=[8, 8], train_s=0.5, train_peak_mb=600.0)
+    return dict(
+        command=f"python scripts/benchmark.py --bundles {label}", quick=False, timeout=600.0, overrides={},
+        machine=dict(cpu="test CPU", logical_cpus=2, usable_cpus=2, threads=1, ram_gb=8.0, python="3", torch="t",
+                     monai="m", numba="n", device="cpu", git="abc", date="today", scan_backend=f"scan-{label}"),
+        load_start=[load] * 3, load_end=[load] * 3, sizes=sizes or {"3": [512, 512, 150], "2": [1024, 1024]},
+        rows=[dict(kind=kind, label=label, source="x", infer=res, train=train)],
+    )
+
+
+def test_reports_of_several_runs_merge_into_one_table(tmp_path):
+    paths = []
+    for i, (label, kind) in enumerate((("MONAI SegResNet 2D", "comparator"), ("bundle_a", "bundle"))):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(_tiny_report(label, kind, load=5.0 if i else 1.0)))
+    out, merged = tmp_path / "m.md", tmp_path / "m.json"
+    assert bm.main(["--from-json", *map(str, paths), "--out", str(out), "--png", "none", "--json", str(merged)]) == 0
+    md = out.read_text()
+    assert list(_table(md)) == ["bundle_a", "MONAI SegResNet 2D"]  # bundles first
+    assert "Generated in 2 runs" in md and "scan-bundle_a" in md and "scan-MONAI SegResNet 2D" in md
+    assert "**bundle_a** (x, run 2)" in md and "**MONAI SegResNet 2D** (x, run 1)" in md
+    again = tmp_path / "again.md"  # a merged report can itself be re-rendered / merged again
+    assert bm.main(["--from-json", str(merged), "--out", str(again), "--png", "none"]) == 0
+    assert again.read_text().split("## Machine")[1] == md.split("## Machine")[1]
+    paths.append(tmp_path / "r2.json")  # bundle_a measured again: the later row replaces the earlier one
+    paths[-1].write_text(json.dumps(dict(_tiny_report("bundle_a", "bundle"), command="rerun")))
+    assert bm.main(["--from-json", *map(str, paths), "--out", str(out), "--png", "none"]) == 0
+    md = out.read_text()
+    assert list(_table(md)) == ["bundle_a", "MONAI SegResNet 2D"] and "**bundle_a** (x, run 3)" in md
+    paths[1].write_text(json.dumps(_tiny_report("bundle_b", "bundle", sizes={"3": [64, 64, 32], "2": [128, 128]})))
+    with pytest.raises(SystemExit):
+        bm.main(["--from-json", *map(str, paths), "--out", str(out), "--png", "none"])
 
 
 @pytest.mark.parametrize(
