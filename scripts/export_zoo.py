@@ -297,6 +297,19 @@ def vendor_modules(bundle: str, python: str) -> tuple[dict[str, str], set[str]]:
     return modules, {e for e in external if e not in stdlib and e != PACKAGE}
 
 
+def _bind_scripts(cfg):
+    """MONAI binds ``$import a.b`` under the name ``"a.b"``, not ``a`` (ConfigExpression._parse_import_string), so
+    ``$import shared_networks`` made ``shared_networks`` usable in expressions but ``$import scripts.shared_networks``
+    does not bind ``scripts``: add ``$import scripts`` in front of the first such import."""
+    imports = cfg.get("imports") if isinstance(cfg, dict) else None
+    if isinstance(imports, list) and "$import scripts" not in imports:
+        at = next((i for i, x in enumerate(imports) if isinstance(x, str) and re.match(r"^\$\s*import\s+scripts\.", x)),
+                  None)
+        if at is not None:
+            imports.insert(at, "$import scripts")
+    return cfg
+
+
 def _rewrite_source(src: str) -> str:
     out = re.sub(r"^(\s*)from " + PACKAGE + r"(?=[.\s])", r"\1from scripts." + PACKAGE, src, flags=re.M)
     out = re.sub(r"^(\s*)import " + PACKAGE + r"(\.[\w.]+)?(\s+as\s)", r"\1import scripts." + PACKAGE + r"\2\3",
@@ -416,7 +429,7 @@ def export_bundle(
             for f in os.listdir(configs):
                 p = os.path.join(configs, f)
                 if f.endswith(".json"):
-                    write_json(p, _rewrite(read_json(p), lambda s: _REF.sub("scripts." + PACKAGE, s)))
+                    write_json(p, _bind_scripts(_rewrite(read_json(p), lambda s: _REF.sub("scripts." + PACKAGE, s))))
                 elif f.endswith((".yaml", ".yml")):
                     with open(p) as fh:
                         text = fh.read()
@@ -467,14 +480,12 @@ def row(check, fn):
     try:
         detail = fn() or ""
         ok = True
-    except Exception as e:
-        ok, detail = False, "".join(traceback.format_exception_only(type(e), e)).strip()
-        spec["tracebacks"].append(traceback.format_exc())
+    except Exception:
+        ok, detail = False, traceback.format_exc().strip()[-2500:]
     print("ROW " + json.dumps([check, ok, ("%.0f s" % (time.time() - t0)) + ("; " + detail if detail else "")]),
           flush=True)
     return ok
 
-spec["tracebacks"] = []
 out, ov = spec["out"], spec["overrides"]
 meta_file = os.path.join(out, "configs", "metadata.json")
 config_file = os.path.join(out, "configs", "inference.json")
@@ -488,11 +499,18 @@ def _references():
     import pydoc, re
     from monai.bundle import ConfigParser
     from monai.bundle.config_item import ComponentLocator
+    import ast
     locator, n = ComponentLocator(), 0
-    for f in sorted(os.listdir(os.path.join(out, "configs"))):
-        if not f.endswith((".json", ".yaml", ".yml")):
-            continue
-        cfg = ConfigParser.load_config_file(os.path.join(out, "configs", f))
+    files = [f for f in sorted(os.listdir(os.path.join(out, "configs"))) if f.endswith((".json", ".yaml", ".yml"))]
+    cfgs = {f: ConfigParser.load_config_file(os.path.join(out, "configs", f)) for f in files}
+    # names the configs' "$import ..." entries bind, as MONAI binds them: "import a.b" binds "a.b", not "a"
+    bound = set()
+    for cfg in cfgs.values():
+        for x in (cfg.get("imports") or []) if isinstance(cfg, dict) else []:
+            node = ast.parse(x[1:].strip()).body[0] if isinstance(x, str) and x.startswith("$") else None
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound.add(node.names[0].asname or node.names[0].name)
+    for f, cfg in cfgs.items():
         stack = [cfg]
         while stack:
             node = stack.pop()
@@ -513,19 +531,28 @@ def _references():
                 for ref in re.findall(r"(?<![\w.])(?:scripts\.)?shared_networks(?:\.\w+)+", node):
                     if pydoc.locate(ref) is None:
                         raise ImportError("%s: %r does not resolve" % (f, ref))
+                    root = ref.split(".")[0]
+                    if not re.match(r"^\$\s*(import|from)\s", node) and root not in bound:
+                        raise NameError("%s: %r uses the name %r, which no '$import' of the configs binds (MONAI "
+                                        "binds 'import a.b' as 'a.b'; add '$import %s')" % (f, node[:80], root, root))
                     n += 1
     return "%d references" % n
-row("config _target_s and imports resolve", _references)
+want = spec["steps"].__contains__
+if want("references"):
+    row("config _target_s and imports resolve", _references)
 
 def _hash():
     if not check_hash(ckpt, spec["hash_val"], spec["hash_type"]):
         raise ValueError("models/model.pt does not match hash_val")
-row("large_files.yml %s hash == models/model.pt" % spec["hash_type"], _hash)
-row("verify_metadata (schema 20240725)", lambda: verify_metadata(meta_file=meta_file, filepath=spec["schema"]))
-row("verify_net_in_out", lambda: verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file,
-                                                   bundle_root=out, device="cpu", **ov))
+if want("hash"):
+    row("large_files.yml %s hash == models/model.pt" % spec["hash_type"], _hash)
+if want("metadata"):
+    row("verify_metadata (schema 20240725)", lambda: verify_metadata(meta_file=meta_file, filepath=spec["schema"]))
+if want("net_in_out"):
+    row("verify_net_in_out", lambda: verify_net_in_out(
+        net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=out, device="cpu", **ov))
 ts = os.path.join(spec["tmp"], "verify_model.ts")
-ok = row("ckpt_export (torch.jit.script)", lambda: ckpt_export(
+ok = not want("export") or row("ckpt_export (torch.jit.script)", lambda: ckpt_export(
     net_id="network_def", filepath=ts, ckpt_file=ckpt, meta_file=meta_file, config_file=config_file,
     bundle_root=out, **ov))
 if not ok:
@@ -540,14 +567,24 @@ if not ok:
 """
 
 
+def _summary(detail: str, ok: bool) -> str:
+    """First line of a detail, or for a failure its last line (where a traceback names the error)."""
+    lines = [ln.strip() for ln in detail.splitlines() if ln.strip()]
+    return (lines[0] if ok or len(lines) < 2 else lines[0].split(";")[0] + "; " + lines[-1])[:200] if lines else ""
+
+
+#: the steps of the checks process, in the Zoo CI's order
+STEPS = ("references", "hash", "metadata", "net_in_out", "export")
+
+
 def check_export(out: str, code: str | None = None, overrides: dict | None = None, python: str = sys.executable,
-                 timeout: float = 1800) -> list[tuple[str, bool, str]]:
+                 timeout: float = 1800, steps=STEPS) -> list[tuple[str, bool, str]]:
     """Run the Zoo's checks on ``out``; returns ``[(check, ok, detail)]``.
 
     File / metadata checks run here; ``verify_metadata``, ``verify_net_in_out``, ``ckpt_export`` (and the declared
     alternative export) run in one fresh process whose working directory is a temporary folder, like the Zoo CI.
     ``overrides`` (``{"network_def#feature_size": 8, ...}``) go to every step that builds the network: for fast
-    tests only; a submission is checked as shipped."""
+    tests only; a submission is checked as shipped. ``steps``: a subset of :data:`STEPS` (default all)."""
     out = os.path.abspath(out)
     overrides = dict(overrides or {})
     if code is None:
@@ -556,7 +593,7 @@ def check_export(out: str, code: str | None = None, overrides: dict | None = Non
 
     def add(check, ok, detail=""):
         rows.append((check, bool(ok), detail))
-        log(f"{'PASS' if ok else 'FAIL'} {check}" + (f" ({detail.splitlines()[0][:200]})" if detail else ""))
+        log(f"{'PASS' if ok else 'FAIL'} {check}" + (f" ({_summary(detail, ok)})" if detail else ""))
         return ok
 
     cfg, meta_file = os.path.join(out, "configs"), os.path.join(out, "configs", "metadata.json")
@@ -600,7 +637,11 @@ def check_export(out: str, code: str | None = None, overrides: dict | None = Non
     with tempfile.TemporaryDirectory(prefix="zoo_check_") as tmp:
         schema = os.path.join(tmp, "schema.json")
         shutil.copyfile(META_SCHEMA, schema)  # the shipped copy: no download, nothing left in OUT
+        bad = [x for x in steps if x not in STEPS]
+        if bad:
+            raise ValueError(f"unknown check steps {bad}; choose from {STEPS}")
         spec = {"out": out, "tmp": tmp, "schema": schema, "overrides": overrides, "block": code == "vendor",
+                "steps": list(steps),
                 "hash_val": item.get("hash_val"), "hash_type": item.get("hash_type"),
                 "export_formats": list(meta.get("export_formats") or []),
                 "export_module": ("scripts." if code == "vendor" else "") + PACKAGE + ".bundle.export"}
@@ -616,7 +657,7 @@ def check_export(out: str, code: str | None = None, overrides: dict | None = Non
         for c, ok, d in got:
             if c == "ckpt_export (torch.jit.script)" and not ok:
                 if alternatives:  # the Zoo lists such bundles in exclude_verify_torchscript_list
-                    log(f"note: torch.jit.script cannot compile the network ({d.splitlines()[0][:150]})")
+                    log(f"note: torch.jit.script cannot compile the network ({_summary(d, False)})")
                     continue
                 d = "fails, and metadata.json declares no export_formats alternative; " + d
             if c.startswith("declared alternative export"):
@@ -636,8 +677,11 @@ def print_rows(rows) -> None:
     w = max(len(c) for c, _, _ in rows)
     print("\n" + "=" * (w + 40))
     for check, ok, detail in rows:
-        first = detail.splitlines()[0][:100] if detail else ""
-        print(f"  {'PASS' if ok else 'FAIL'}  {check:<{w}}  {first}")
+        lines = [ln for ln in (detail or "").splitlines() if ln.strip()]
+        print(f"  {'PASS' if ok else 'FAIL'}  {check:<{w}}  {lines[0][:100] if lines else ''}")
+        if not ok and len(lines) > 1:  # the end of an error says what went wrong
+            for ln in lines[-4:]:
+                print(f"  {'':4}  {'':<{w}}  | {ln[:160]}")
     print("=" * (w + 40))
     print("RESULT: " + ("PASS" if all(ok for _, ok, _ in rows) else "FAIL"))
 

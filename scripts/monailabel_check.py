@@ -726,8 +726,11 @@ def print_table(all_results: list[Results], venv_s: float | None) -> None:
         print("-" * (w + 60))
         print(f"{r.bundle}: {'FAIL' if r.failed else 'PASS'}")
         for check, status, detail in r.rows:
-            first = (detail or "").splitlines()[0][:160] if detail else ""
-            print(f"  {status:4}  {check:<{w}}  {first}")
+            lines = [ln for ln in (detail or "").splitlines() if ln.strip()]
+            print(f"  {status:4}  {check:<{w}}  {lines[0][:160] if lines else ''}")
+            if status == "FAIL" and len(lines) > 1:  # the end of an error says what went wrong
+                for ln in lines[-4:]:
+                    print(f"  {'':4}  {'':<{w}}  | {ln[:200]}")
         if r.times:
             print("  timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.times.items()))
     print("=" * (w + 60))

@@ -13,6 +13,7 @@ blur the "source unchanged" check.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -110,7 +111,11 @@ def test_folder_content(exported):
         with open(os.path.join(out, "configs", cfg)) as f:
             got = f.read()
         assert "scripts.shared_networks" in got
-        assert json.loads(got) == json.loads(src.replace("shared_networks", "scripts.shared_networks"))
+        expected = json.loads(src.replace("shared_networks", "scripts.shared_networks"))
+        if "imports" in expected:  # MONAI binds "$import a.b" as the name "a.b": `scripts` needs its own import
+            first = next(i for i, x in enumerate(expected["imports"]) if x.startswith("$import scripts."))
+            expected["imports"].insert(first, "$import scripts")
+        assert json.loads(got) == expected
     with open(os.path.join(out, "configs", "metadata.json")) as f:
         meta = json.load(f)
     with open(os.path.join(src_dir, "configs", "metadata.json")) as f:
@@ -186,3 +191,21 @@ def test_bad_weights_are_refused(tmp_path):
     assert r.returncode == 2 and "state dict" in r.stderr and not (tmp_path / "out").exists()
     r = run_export(BUNDLE, tmp_path / "out", "--weights", tmp_path / "missing.pt", "--no-check", cwd=tmp_path)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_unbound_scripts_name_is_caught(exported, tmp_path):
+    """``$scripts.shared_networks...`` expressions fail at run time unless an import binds ``scripts``; the
+    references check (run in the clean, package-blocked process) must catch a config that lost that import."""
+    spec = importlib.util.spec_from_file_location("export_zoo", SCRIPT)
+    ez = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ez)
+    broken = tmp_path / NAME
+    shutil.copytree(exported["out"], broken)
+    for cfg in ("inference.json", "train.json"):
+        path = broken / "configs" / cfg
+        data = json.loads(path.read_text())
+        data["imports"].remove("$import scripts")
+        path.write_text(json.dumps(data, indent=4))
+    rows = {c: (ok, d) for c, ok, d in ez.check_export(str(broken), steps=("references",))}
+    ok, detail = rows["config _target_s and imports resolve"]
+    assert not ok and "NameError" in detail and "$import scripts" in detail
