@@ -37,8 +37,9 @@ from numba.extending import intrinsic
 
 #: channels per block = SIMD lanes (a compile-time constant: LLVM then vectorises without remainder loops)
 W = 32
-#: time steps per tile / checkpoint interval
-T = 32
+#: time steps per tile / checkpoint interval (16: the backward's tile buffer, N * 17 * 2 * W float64 = 140 kB for
+#: N = 16, stays in L2; the checkpoints cost 2x the memory of u)
+T = 16
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01  # fdlibm split: k * _LN2_HI is exact for |k| < 2**11
