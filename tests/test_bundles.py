@@ -120,8 +120,11 @@ def test_metadata(bundle, tmp_path):
     fmt = meta["network_data_format"]
     assert list(fmt["inputs"])[0] == "image" and list(fmt["outputs"])[0] == "pred"  # MONAI Label / verify_net_in_out
     pred = fmt["outputs"]["pred"]
-    assert sorted(int(k) for k in pred["channel_def"]) == list(range(pred["num_channels"]))
-    assert pred["channel_def"]["0"] == "background"
+    ids = sorted(int(k) for k in pred["channel_def"])  # MONAI Label takes the class names from channel_def
+    if pred["num_channels"] > 1:  # softmax: one entry per channel, channel 0 the background
+        assert ids == list(range(pred["num_channels"])) and pred["channel_def"]["0"] == "background"
+    else:  # one sigmoid channel: ids of the saved mask (0 and/or 1)
+        assert ids and set(ids) <= {0, 1}
     assert fmt["inputs"]["image"]["is_patch_data"] is True
     assert set(meta.get("export_formats", [])) <= EXPORT_FORMATS and meta.get("export_formats")
     assert "#" not in meta.get("data_source", ""), "'#' in strings is rewritten by the config parser"
@@ -268,3 +271,75 @@ def test_inference_preprocessing_matches_training(bundle, tmp_path):
     assert a.shape == b.shape
     assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), "inference preprocessing differs from training"
     assert torch.allclose(a.affine, b.affine)
+
+
+# --- the shared helpers every bundle's configs call (fast, not parametrised) -----------------------------------
+
+
+def _touch(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return str(path)
+
+
+def test_datalist_layouts(tmp_path):
+    from shared_networks.bundle import list_images, load_datalist, split_cases
+
+    ds = tmp_path / "ds"
+    for i in range(10):  # nnU-Net names: images carry the channel suffix, labels do not
+        _touch(ds / "imagesTr" / f"case{i:02d}_0000.nii.gz")
+        _touch(ds / "labelsTr" / f"case{i:02d}.nii.gz")
+    train, val = load_datalist(str(ds), "training"), load_datalist(str(ds), "validation")
+    assert len(train) == 8 and len(val) == 2 and not {d["image"] for d in train} & {d["image"] for d in val}
+    assert all(Path(d["label"]).name == Path(d["image"]).name.replace("_0000", "") for d in train + val)
+    assert load_datalist(str(ds), "validation") == val, "the split must be deterministic"
+    assert len(load_datalist(str(ds), "all")) == 10
+    assert split_cases([1], 0.2) == ([1], [1])
+
+    # dataset.json replaces the folder scan; paths are relative to dataset_dir
+    (ds / "dataset.json").write_text(json.dumps({
+        "training": [{"image": "imagesTr/case00_0000.nii.gz", "label": "labelsTr/case00.nii.gz"}],
+        "validation": [{"image": "imagesTr/case01_0000.nii.gz", "label": "labelsTr/case01.nii.gz"}],
+        "test": ["imagesTr/case02_0000.nii.gz"],
+    }))
+    assert [Path(d["image"]).name for d in load_datalist(str(ds), "validation")] == ["case01_0000.nii.gz"]
+    assert [Path(p).name for p in list_images(str(ds))] == ["case02_0000.nii.gz"]
+    (ds / "dataset.json").write_text(json.dumps({"training": [{"image": "imagesTr/nope.nii.gz", "label": "x"}]}))
+    with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
+        load_datalist(str(ds))
+
+    scans = tmp_path / "scans"
+    one = _touch(scans / "a.nii.gz")
+    _touch(scans / "b.nii")
+    assert [Path(p).name for p in list_images(str(scans))] == ["a.nii.gz", "b.nii"]
+    assert list_images(one) == [one]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        list_images(str(tmp_path / "empty"))
+
+
+def test_output_guard_and_flags(tmp_path):
+    from shared_networks.bundle import as_bool, check_output_dir
+
+    img = _touch(tmp_path / "scans" / "ct.nii.gz")
+    with pytest.raises(ValueError, match="folder of the input"):
+        check_output_dir(str(tmp_path / "scans"), [img])
+    with pytest.raises(ValueError, match="folder of the input"):
+        check_output_dir(str(tmp_path / "scans" / "."), [{"image": img}])
+    assert check_output_dir(str(tmp_path / "out"), [img]) == str(tmp_path / "out")
+    assert as_bool("False") is False and as_bool("false") is False and as_bool("1") is True and as_bool(0) is False
+    with pytest.raises(ValueError):
+        as_bool("maybe")
+
+
+def test_gradient_clipping():
+    from types import SimpleNamespace
+
+    from shared_networks.bundle import GradientClipping
+
+    net = torch.nn.Linear(4, 4)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    GradientClipping(12.0)(SimpleNamespace(network=net, optimizer=None, amp=False, scaler=None))
+    norm = torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))
+    assert abs(float(norm) - 12.0) < 1e-3

@@ -7,7 +7,8 @@ Dataset layout (every bundle): ``dataset_dir/imagesTr/<case>.<ext>`` + ``dataset
 - transforms: :class:`SafeLoadImaged`, :class:`ValidateImaged`, :class:`ValidateLabeld`, :class:`SafeSaveImaged`,
   :func:`check_output_dir`
 - handlers: :func:`load_checkpoint`, :class:`StrictCheckpointLoader`, :func:`latest_checkpoint`,
-  :func:`attach_resume`, :class:`BestModelSaver`, :class:`ClassMetricsSaver`, :class:`LossProgressBar`,
+  :func:`attach_resume`, :class:`BestModelSaver`, :class:`ClassMetricsSaver`, :class:`GradientClipping`,
+  :class:`LossProgressBar`,
   :func:`rank_zero_handlers`
 - export: :func:`shared_networks.bundle.export.export_network` (``python -m shared_networks.bundle.export``)
 - :func:`as_bool`: command-line flags (``--resume false``) read as booleans
@@ -20,6 +21,7 @@ from .data import IMAGE_EXTENSIONS, list_images, load_datalist, split_cases
 from .handlers import (
     BestModelSaver,
     ClassMetricsSaver,
+    GradientClipping,
     LossProgressBar,
     StrictCheckpointLoader,
     attach_resume,
@@ -56,6 +58,7 @@ __all__ = [
     "BestModelSaver",
     "ClassMetricsSaver",
     "LossProgressBar",
+    "GradientClipping",
     "rank_zero_handlers",
     "as_bool",
 ]

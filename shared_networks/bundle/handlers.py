@@ -8,6 +8,7 @@
 - :class:`BestModelSaver`: writes ``models/model.pt`` (plain state dict) whenever the key metric improves; its
   best-so-far score survives a resume.
 - :class:`ClassMetricsSaver`: per-class metrics with class names, written as JSON and CSV.
+- :class:`GradientClipping`: gradient-norm clipping between backward and optimiser step (nnU-Net-style trainers).
 - :class:`LossProgressBar`, :func:`rank_zero_handlers`.
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "BestModelSaver",
     "ClassMetricsSaver",
     "LossProgressBar",
+    "GradientClipping",
     "rank_zero_handlers",
 ]
 
@@ -331,6 +333,31 @@ class LossProgressBar(ProgressBar):
 
         kwargs.setdefault("output_transform", _loss)
         super().attach(engine, *args, **kwargs)
+
+
+class GradientClipping:
+    """Clip the gradient norm of a MONAI ``SupervisedTrainer``'s network after backward, before the optimiser step
+    (the trainer fires ``IterationEvents.BACKWARD_COMPLETED`` in between). Under AMP the gradients are unscaled
+    first, so ``max_norm`` applies to the true gradients.
+
+    Args:
+        max_norm: maximum total L2 norm (UNETR++ / nnU-Net: 12). ``None`` or ``<= 0`` disables clipping.
+    """
+
+    def __init__(self, max_norm: float | None = 12.0) -> None:
+        self.max_norm = None if max_norm is None or float(max_norm) <= 0 else float(max_norm)
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        if self.max_norm is not None:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
 
 
 _WRITER_TYPES = ("StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler", "MetricsSaver",
