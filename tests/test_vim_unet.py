@@ -466,8 +466,8 @@ def test_training_on_nuclei_improves_dice():
     img = (img - img.mean()) / img.std()  # torch-em standardises outside the model
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    p = 64
-    net = ViMUNet(in_channels=1, out_channels=1, img_size=p, embed_dim=32, depth=2, patch_size=8,
+    p = 96
+    net = ViMUNet(in_channels=1, out_channels=1, img_size=p, embed_dim=32, depth=2, patch_size=16,
                   decoder_channels=(64, 32, 16, 16), final_activation="sigmoid", drop_path_rate=0.0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
 
@@ -500,3 +500,8 @@ def test_training_on_nuclei_improves_dice():
     dice1 = val_dice()
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.15, losses
     assert dice1 > 0.5 and dice1 > dice0 + 0.2, (dice0, dice1)
+
+
+def test_patch_size_other_than_16_is_refused():
+    with pytest.raises(ValueError, match="patch_size must be 16"):
+        ViMUNet(in_channels=1, out_channels=1, img_size=64, embed_dim=32, depth=1, patch_size=8)

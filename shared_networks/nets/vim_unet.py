@@ -426,7 +426,7 @@ class ViMUNet(nn.Module):
         out_channels: output channels (paper: 2 = foreground + boundaries, or 3 with distance targets).
         img_size: canvas / position-embedding size per axis (paper: 1024; 3D default 128).
         encoder: "vim_t" (d=192) or "vim_s" (d=384), depth 24.
-        patch_size: patch size = stride (paper: 16).
+        patch_size: patch size = stride; must be 16 (the decoder upsamples the token grid x16).
         embed_dim, depth: override the encoder size (small test/demo configurations).
         decoder_channels: widths (c0, c1, c2, c3) of the decoder (paper: 512, 256, 128, 64); non-increasing.
         final_activation: None (logits), "sigmoid" (torch-em's choice), "softmax" or a module.
@@ -501,6 +501,9 @@ class ViMUNet(nn.Module):
             if v is not None and len(v) != embed_in_channels:
                 raise ValueError(f"ViMUNet: {name} needs {embed_in_channels} values, got {len(v)}.")
 
+        if any(int(p) != 16 for p in _tuple(patch_size, spatial_dims, "patch_size")):
+            # the torch-em decoder upsamples the token grid by exactly 16 (four x2 stages)
+            raise ValueError(f"ViMUNet: patch_size must be 16 per axis (the decoder upsamples x16), got {patch_size}.")
         size = dict(ENCODERS[encoder])
         size.update({k: v for k, v in (("embed_dim", embed_dim), ("depth", depth)) if v is not None})
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
