@@ -40,6 +40,7 @@ import math
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,6 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     _mamba_scan_fn = None
 
 _numba_mod = None  # the kernel module once imported; False if numba is unusable here
-_numba_lock = threading.Lock()  # numba's workqueue/omp layers must not be entered from two threads at once
 
 
 def _numba():
@@ -282,12 +282,34 @@ def selective_scan_torch(
 
 
 # --------------------------------------------------------------------------------------------------- cpu
-def _numba_threads():
-    nm = _numba()
-    import numba
+_pool = None
+_pool_pid = None
+_pool_lock = threading.Lock()
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    return nm
+
+def _parallel(fn, n_items, *args):
+    """Run ``fn(i0, i1, *args)`` over ``range(n_items)`` split into ``torch.get_num_threads()`` contiguous parts.
+
+    The numba kernels release the GIL, so a plain thread pool runs them in parallel; the calling thread takes the
+    first part. The pool is re-created after a fork (worker threads do not survive it).
+    """
+    global _pool, _pool_pid
+    nt = max(1, min(torch.get_num_threads(), n_items))
+    if nt == 1:
+        fn(0, n_items, *args)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < nt - 1:
+            _pool = ThreadPoolExecutor(max_workers=max(nt - 1, os.cpu_count() or 1), thread_name_prefix="scan")
+            _pool_pid = os.getpid()
+        pool = _pool
+    bounds = [n_items * i // nt for i in range(nt + 1)]
+    futures = [pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(1, nt)]
+    try:
+        fn(bounds[0], bounds[1], *args)
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _np(*ts):
@@ -303,7 +325,7 @@ class _CpuScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        nm = _numba_threads()
+        nm = _numba()
         b, d, L = u.shape
         n = A.shape[1]
         need_grad = any(ctx.needs_input_grad)
@@ -314,9 +336,8 @@ class _CpuScanFn(torch.autograd.Function):
         y = u.new_empty(b, d, L)
         last = u.new_empty(b, d, n)
         ckpt = torch.empty((b, -(-L // nm.T), n, d) if need_grad else (0, 0, 0, 0), dtype=torch.float64)
-        with _numba_lock:
-            nm.scan_fwd(*_np(u, delta, A, B, C, Dv, bias, zz), z is not None, softplus, need_grad,
-                        *_np(y, last, ckpt))
+        _parallel(nm.scan_fwd, nm.n_blocks(b, d, B.shape[1]), *_np(u, delta, A, B, C, Dv, bias, zz), z is not None,
+                  softplus, need_grad, *_np(y, last, ckpt))
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, Dv, bias, zz, ckpt)
             ctx.flags = (D is not None, z is not None, delta_bias is not None, softplus)
@@ -327,10 +348,10 @@ class _CpuScanFn(torch.autograd.Function):
     def backward(ctx, gy, glast):
         u, delta, A, B, C, Dv, bias, zz, ckpt = ctx.saved_tensors
         has_D, has_z, has_bias, softplus = ctx.flags
-        nm = _numba_threads()
+        nm = _numba()
         b, d, L = u.shape
         n, g = A.shape[1], B.shape[1]
-        nbt = g * -(-(d // g) // nm.W)
+        nblk = nm.n_blocks(b, d, g)
         gy = gy.float().contiguous() if gy is not None else u.new_zeros(b, d, L)
         gl = glast.float().contiguous() if glast is not None else u.new_zeros(1, 1, 1)
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
@@ -338,11 +359,12 @@ class _CpuScanFn(torch.autograd.Function):
         gA = torch.empty(b, d, n, dtype=torch.float64)
         gD = torch.empty(b, d, dtype=torch.float64)
         gbias = torch.empty(b, d, dtype=torch.float64)
-        gB, gC = torch.empty_like(B), torch.empty_like(C)
-        gBp, gCp = u.new_empty(b, nbt, n, L), u.new_empty(b, nbt, n, L)
-        with _numba_lock:
-            nm.scan_bwd(*_np(u, delta, A, B, C, Dv, bias, zz), has_z, softplus, ckpt.numpy(), *_np(gy, gl),
-                        glast is not None, *_np(gu, gdelta, gz, gA, gD, gbias, gBp, gCp, gB, gC))
+        gBp = u.new_empty(2, b, nblk // b if b else 0, n, L)  # per-block partial sums of the B and C gradients
+        gBC = u.new_empty(2, b, g, n, L)
+        _parallel(nm.scan_bwd, nblk, *_np(u, delta, A, B, C, Dv, bias, zz), has_z, softplus, ckpt.numpy(),
+                  *_np(gy, gl), glast is not None, *_np(gu, gdelta, gz, gA, gD, gbias, gBp))
+        _parallel(nm.reduce_bc, 2 * b * g * n, *_np(gBp, gBC))
+        gB, gC = gBC.unbind(0)
         need = ctx.needs_input_grad
         return (
             gu if need[0] else None,
