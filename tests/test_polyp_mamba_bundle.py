@@ -312,7 +312,8 @@ def test_pretrained_encoder_option(tmp_path):
     enc = {k: v for k, v in donor.state_dict().items() if k.startswith(("patch_embed.", "layers."))}
     torch.save({"model": enc}, tmp_path / "vmamba.pth")
     torch.manual_seed(2)
-    net = build_network(str(BUNDLE), _cfg("inference.json", "reduced.json"), pretrained_encoder=str(tmp_path / "vmamba.pth"))
+    cfg = _cfg("inference.json", "reduced.json")
+    net = build_network(str(BUNDLE), cfg, pretrained_encoder=str(tmp_path / "vmamba.pth"))
     for k, v in enc.items():
         assert torch.equal(net.state_dict()[k], v), k
     with pytest.raises(Exception) as e:

@@ -7,18 +7,16 @@ Usage (from the bundle folder)::
 
 ``--pranet_dir`` holds the two archives of the PraNet repository unpacked side by side::
 
-    TrainDataset/image/<name>.png    TrainDataset/mask/<name>.png                 1450 frames
-    TestDataset/<set>/images/<name>.png   TestDataset/<set>/masks/<name>.png      Kvasir 100, CVC-ClinicDB 62,
-                                                                                  CVC-ColonDB 380, ETIS-LaribPolypDB 196,
-                                                                                  CVC-300 60
+    TrainDataset/image/<name>.png, TrainDataset/mask/<name>.png                1450 frames
+    TestDataset/<set>/images/<name>.png, TestDataset/<set>/masks/<name>.png    Kvasir 100, CVC-ClinicDB 62,
+                                                                               CVC-ColonDB 380,
+                                                                               ETIS-LaribPolypDB 196, CVC-300 60
 
 Writes (paths relative to ``--out``, so the two folders can move together)::
 
-    <out>/dataset.json               {"training": the 1450 pairs}           train.json (a share is held out for
-                                                                            validation, --val_fraction)
-    <out>/dataset_test_<set>.json    {"training": that test set's pairs}     evaluate.json with
-                                                                            --datalist_file dataset_test_<set>.json
-                                                                            --eval_split all
+    <out>/dataset.json             {"training": the 1450 pairs}; train.json holds out --val_fraction for validation
+    <out>/dataset_test_<set>.json  {"training": that test set's pairs}; evaluate.json with
+                                   --datalist_file dataset_test_<set>.json --eval_split all
 
 Existing files are not replaced unless ``--overwrite`` is given; a frame without its mask stops the script with the
 names of the unmatched files. Counts that differ from PraNet's are reported (a partial download is usable).
