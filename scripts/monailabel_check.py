@@ -188,7 +188,7 @@ class BundleSpec:
             p = os.path.join(self.path, "configs", cfg)
             if os.path.isfile(p):
                 text = open(p).read().lower()
-                hits = [(text.find(e), e) for e in (".png", ".tif", ".tiff", ".jpg", ".nii.gz") if e in text]
+                hits = [(text.find(e), e) for e in (".png", ".tif", ".jpg", ".nii.gz") if e in text]
                 if hits:
                     return min(hits)[1]
         return ".png"
@@ -349,16 +349,17 @@ def bundle_run_reference(spec: BundleSpec, bundle_copy: str, ref_in: str, out_di
         raise RuntimeError(f"monai.bundle run failed (exit {r.returncode}); see {out_dir}.log:\n"
                            + tail(out_dir + ".log"))
     outs = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(out_dir) for f in fs)
+    saver = _saver(os.path.join(bundle_copy, "configs", "inference.json"), spec.output_key)
     if len(outs) > 1:  # e.g. probabilities saved next to the label: keep the file of the output key's SaveImaged
-        postfix = _saved_postfix(os.path.join(bundle_copy, "configs", "inference.json"), spec.output_key)
-        outs = [o for o in outs if postfix and f"_{postfix}." in os.path.basename(o)]
+        postfix = saver.get("output_postfix", "trans")  # MONAI's default postfix
+        outs = [o for o in outs if f"_{postfix}." in os.path.basename(o)]
     if len(outs) != 1:
         raise RuntimeError(f"monai.bundle run wrote no single '{spec.output_key}' file in {out_dir}: {outs}")
     return outs[0]
 
 
-def _saved_postfix(config_file: str, key: str) -> str | None:
-    """``output_postfix`` of the ``*SaveImaged`` transform in ``postprocessing`` that saves ``key``."""
+def _saver(config_file: str, key: str) -> dict:
+    """The ``*SaveImaged`` entry of ``postprocessing`` that saves ``key`` (``{}`` if none)."""
     with open(config_file) as f:
         post = json.load(f).get("postprocessing", {})
     transforms = post.get("transforms", []) if isinstance(post, dict) else post
@@ -366,8 +367,14 @@ def _saved_postfix(config_file: str, key: str) -> str | None:
         keys = t.get("keys") if isinstance(t, dict) else None
         keys = [keys] if isinstance(keys, str) else keys or []
         if str(t.get("_target_", "")).endswith("SaveImaged") and key in keys:
-            return t.get("output_postfix", "trans")  # MONAI's default postfix
-    return None
+            return t
+    return {}
+
+
+def saved_scale(bundle_copy: str, key: str) -> float:
+    """SaveImaged's ``scale`` (e.g. 255: masks saved as 0/255, PraNet style); MONAI Label returns class ids."""
+    scale = _saver(os.path.join(bundle_copy, "configs", "inference.json"), key).get("scale")
+    return float(scale) if isinstance(scale, (int, float)) and scale else 1.0
 
 
 def tail(path: str, n: int = 40) -> str:
@@ -392,12 +399,14 @@ def load_label(path: str):
     return np.squeeze(arr), affine
 
 
-def compare_labels(got: str, ref: str, image: str) -> tuple[bool, str]:
-    """MONAI Label's label vs the bundle's own: identical voxels, and the input image's shape and affine."""
+def compare_labels(got: str, ref: str, image: str, ref_scale: float = 1.0) -> tuple[bool, str]:
+    """MONAI Label's label vs the bundle's own (its values divided by ``ref_scale``): identical voxels, and the
+    input image's shape and affine."""
     import numpy as np
 
     a, aff_a = load_label(got)
     b, aff_b = load_label(ref)
+    b = b / ref_scale
     im, aff_im = load_label(image)
     im_shape = im.shape[:2] if (im.ndim == 3 and im.shape[-1] in (3, 4) and aff_im is None) else im.shape  # RGB
     problems = []
@@ -646,7 +655,7 @@ def check_bundle(src: str, work: str, args, env: dict, stock_app: str) -> Result
             cd = headers.get("content-disposition") or headers.get("Content-Disposition") or ""
             ext = next((e for e in (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".jpg", ".nrrd", ".seg.nrrd")
                         if cd.lower().rstrip('"').endswith(e)), spec.image_ext)
-            out = os.path.join(bdir, f"server_label_{tag}{ext}")
+            out = os.path.join(bdir, f"server_label_{tag.replace(' ', '_')}{ext}")
             with open(out, "wb") as f:
                 f.write(data)
             res.add(f"POST /infer ({tag})", True, f"{time.time() - t:.0f} s, {len(data)} bytes")
@@ -654,8 +663,11 @@ def check_bundle(src: str, work: str, args, env: dict, stock_app: str) -> Result
 
         lab1 = infer("before train")
         if lab1:
-            ok, detail = compare_labels(lab1, ref1, image)
+            ok, detail = compare_labels(lab1, ref1, image, saved_scale(bundle_copy, spec.output_key))
             res.add("label == monai.bundle run (before train)", ok, detail)
+            if ok and "classes [0]" in detail:  # equal, but trivially: nothing segmented with these weights
+                res.add("label has foreground", "NOTE", "all background with these weights: the agreement above "
+                        "cannot tell the networks apart; check with trained weights")
         log_txt = server.log_text()
         res.add("no silent random weights (server log)", RANDOM_WEIGHTS_MSG not in log_txt,
                 "" if RANDOM_WEIGHTS_MSG not in log_txt else f"log says {RANDOM_WEIGHTS_MSG!r}")
@@ -698,7 +710,7 @@ def check_bundle(src: str, work: str, args, env: dict, stock_app: str) -> Result
         lab2 = infer("after train")
         if lab2:
             ref2 = bundle_run_reference(spec, bundle_copy, ref_in, os.path.join(bdir, "ref_after"), env)
-            ok, detail = compare_labels(lab2, ref2, image)
+            ok, detail = compare_labels(lab2, ref2, image, saved_scale(bundle_copy, spec.output_key))
             same, _ = compare_labels(lab2, lab1, image) if lab1 else (False, "")
             res.add("next infer uses the new weights (== bundle run with them)", ok,
                     detail + ("; output unchanged by the train" if same else "; output changed by the train"))
