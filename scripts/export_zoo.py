@@ -381,9 +381,10 @@ def export_bundle(
         raise ExportError(f"{bundle}/scripts/{PACKAGE} exists already; cannot vendor the package there.")
     modules, external = vendor_modules(bundle, python) if code == "vendor" else ({}, set())
 
-    tmp_out = out + ".partial"
-    if os.path.exists(tmp_out):
-        shutil.rmtree(tmp_out)
+    # built in a private staging folder next to OUT, moved into place only when complete
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".export_zoo_", dir=os.path.dirname(out))
+    tmp_out = os.path.join(stage, name)
     try:
         # 1. the bundle's own files (configs, docs, LICENSE, scripts, ...), never its outputs
         shutil.copytree(bundle, tmp_out, ignore=lambda d, names: [
@@ -403,7 +404,6 @@ def export_bundle(
         with open(os.path.join(tmp_out, "large_files.yml"), "w") as f:
             f.write(large_files_yml("models/model.pt", url, hash_val, hash_type, weights_url is None, name))
         # 3. network code
-        meta_out = dict(meta)
         pins = dict(meta.get("required_packages_version", {}))
         if code == "vendor":
             pkg_root = os.path.dirname(modules[PACKAGE])
@@ -428,6 +428,8 @@ def export_bundle(
             configs = os.path.join(tmp_out, "configs")
             for f in os.listdir(configs):
                 p = os.path.join(configs, f)
+                if f == "metadata.json":  # prose, not config: only its package pins change (below)
+                    continue
                 if f.endswith(".json"):
                     write_json(p, _bind_scripts(_rewrite(read_json(p), lambda s: _REF.sub("scripts." + PACKAGE, s))))
                 elif f.endswith((".yaml", ".yml")):
@@ -444,9 +446,8 @@ def export_bundle(
         if os.path.lexists(out):  # --overwrite, checked by _check_out; replaced only once the new folder is complete
             shutil.rmtree(out)
         os.rename(tmp_out, out)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return {"out": out, "bundle": bundle, "code": code, "hash_type": hash_type, "hash_val": hash_val, "url": url,
             "placeholder_url": weights_url is None, "vendored": sorted(modules), "required_packages_version": pins,
             "weights_unwrapped": nested, "n_tensors": len(sd)}
@@ -613,7 +614,7 @@ def check_export(out: str, code: str | None = None, overrides: dict | None = Non
     if code == "vendor":
         stale = []
         for f in sorted(os.listdir(cfg)):
-            if f.endswith((".json", ".yaml", ".yml")):
+            if f.endswith((".json", ".yaml", ".yml")) and f != "metadata.json":
                 with open(os.path.join(cfg, f)) as fh:
                     if _REF.search(re.sub(r"scripts\." + PACKAGE, "", fh.read())):
                         stale.append(f)
