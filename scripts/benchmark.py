@@ -163,6 +163,28 @@ def count_scans():
             m.selective_scan_fn = orig
 
 
+def count_flops(net, x) -> tuple[int, int]:
+    """(FlopCounterMode FLOPs, analytic selective-scan FLOPs) of one forward ``net(x)``.
+
+    FlopCounterMode has no formula for the fused kernels PyTorch picks at inference (the CPU flash
+    ``scaled_dot_product_attention``, ``nn.MultiheadAttention``'s fast path), so attention would count as zero: the
+    forward runs with the math SDPA backend and the MHA fast path off, which compute the same products as matmuls.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), count_scans() as scan:
+            with FlopCounterMode(display=False) as fcm:
+                net(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return int(fcm.get_total_flops()), int(scan[0])
+
+
 def _sync(device):
     import torch
 
@@ -296,7 +318,6 @@ def _setup_infer(spec, device):
 
 def _worker_infer(spec, result, save):
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -316,12 +337,7 @@ def _worker_infer(spec, result, save):
         _sync(device)
         result["warmup_s"] = time.perf_counter() - t0
         save()
-        # autograd on: fused inference kernels (nn.MultiheadAttention's fast path) are invisible to
-        # FlopCounterMode, their unfused training-path equivalents are counted
-        with torch.enable_grad(), count_scans() as scan_flops, FlopCounterMode(display=False) as fcm:
-            net(window)
-        result["flops"] = int(fcm.get_total_flops())
-        result["scan_flops"] = int(scan_flops[0])
+        result["flops"], result["scan_flops"] = count_flops(net, window)
         save()
         del window
         image = torch.rand(1, in_ch, *size, device=device)
@@ -743,9 +759,9 @@ def render_markdown(report: dict, png_rel: str | None) -> str:
            + ", the input image and the full-size output (`out_channels` x image size, float32)."),
         "- **GFLOPs / window**: `torch.utils.flop_counter.FlopCounterMode` over one forward of one ROI window, "
         "batch 1: 2 FLOPs per multiply-add, convolutions, linears and matmuls only (the convention of "
-        "reference_numbers.md; fvcore/'MACs' figures are half), counted with autograd enabled so that attention "
-        "is counted through its unfused path (FlopCounterMode misses nn.MultiheadAttention's fused inference "
-        "kernel). The Mamba selective scan is invisible to it; "
+        "reference_numbers.md; fvcore/'MACs' figures are half). Attention is counted through its math form "
+        "(SDPA math backend, MultiheadAttention fast path off): FlopCounterMode has no formula for the fused CPU "
+        "kernels and would count them as zero. The Mamba selective scan is invisible to it; "
         "\"+ x scan\" adds 9·B·D·L·N (+ B·D·L each for the D skip and the z gate) per scan call, the analytic "
         "estimate VMamba's FLOP counter uses (counted by intercepting `selective_scan_fn`).",
         "- **params**: Σ `numel` over `parameters()` of the network as the bundle builds it (buffers excluded; "

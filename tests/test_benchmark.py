@@ -120,6 +120,24 @@ def test_scan_flops_are_counted_analytically():
     torch.testing.assert_close(again, ref)  # the real scan is restored afterwards
 
 
+def test_attention_flops_are_counted_through_fused_kernels():
+    """FlopCounterMode alone sees 0 FLOPs in CPU flash SDPA and misses the MHA fast path; count_flops does not."""
+    b, n, e, heads = 1, 50, 32, 4
+    mha = torch.nn.MultiheadAttention(e, heads, batch_first=True).eval()
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            q = x.view(b, n, heads, e // heads).transpose(1, 2)
+            y = torch.nn.functional.scaled_dot_product_attention(q, q, q)  # 2 matmuls of n x n x e
+            return mha(x, x, x, need_weights=False)[0] + y.transpose(1, 2).reshape(b, n, e)
+
+    flops, scan = bm.count_flops(Net(), torch.rand(b, n, e))
+    sdpa = 2 * (2 * b * n * n * e)
+    mha_flops = 2 * b * n * e * 3 * e + sdpa + 2 * b * n * e * e  # in_proj, attention, out_proj
+    assert (flops, scan) == (sdpa + mha_flops, 0)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
 @pytest.mark.parametrize(
     "make, size",
     [
