@@ -700,16 +700,17 @@ def render_markdown(report: dict, png_rel: str | None) -> str:
         + (f" Bundle config overrides: {', '.join(f'`{k}={json.dumps(v)}`' for k, v in overrides.items())}."
            if overrides else ""),
         "",
-        f"| network | params | ROI | GFLOPs / window | windows | warm-up s | inference s | {peak_kind} "
+        f"| network | input | params | ROI | GFLOPs / window | windows | warm-up s | inference s | {peak_kind} "
         f"| train ROI | train iter s | train {peak_kind} |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         inf, tr = r["infer"], r["train"]
         params = f"{inf['params']:,}" if isinstance(inf.get("params"), int) else _cell(inf, "params")
         lines.append(
             "| " + " | ".join([
-                r["label"], params, _fmt_shape(inf["roi"]) if inf.get("roi") else "—", _gflops_cell(inf),
+                r["label"], f"{inf['input'][0]}x{_fmt_shape(inf['input'][1:])}" if inf.get("input") else
+                _fmt_shape(sizes[_row_dims(r)]), params, _fmt_shape(inf["roi"]) if inf.get("roi") else "—", _gflops_cell(inf),
                 _cell(inf, "windows", "{:d}") if "windows" in inf else _cell(inf, "windows_expected", "{:d}"),
                 _cell(inf, "warmup_s", "{:.2f}"), _infer_cell(inf),
                 _peak_cell(inf), _fmt_shape(tr["train_roi"]) if tr.get("train_roi") else "—",
@@ -969,9 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     info = machine_info(device, args.threads)
     log(f"benchmark on {device}: {info['cpu']}, {info['usable_cpus']} usable CPUs, load {load_start[0]:.2f}")
-    jobs = [dict(kind="bundle", name=b, label=b, source=f"bundles/{b}") for b in bundles]
-    jobs += [dict(kind="comparator", name=c, label=COMPARATORS[c]["label"], source="monai.networks.nets")
-             for c in comps]
+    jobs = [dict(kind="bundle", name=b, label=b, source=f"bundles/{b}", dims=bundle_input_dims(BUNDLES_DIR / b))
+            for b in bundles]
+    jobs += [dict(kind="comparator", name=c, label=COMPARATORS[c]["label"], source="monai.networks.nets",
+                  dims=COMPARATORS[c]["spatial_dims"]) for c in comps]
     rows = []
     for job in jobs:
         row = dict(job)
@@ -1003,6 +1005,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _row_dims(row: dict) -> int:
+    """Spatial dims of a row's input (reports written before rows carried ``dims`` are handled too)."""
+    if row.get("dims"):
+        return int(row["dims"])
+    if row["infer"].get("input"):
+        return len(row["infer"]["input"]) - 1
+    if row["kind"] == "comparator":
+        return 2 if row["label"].endswith("2D") else 3
+    bundle = BUNDLES_DIR / row["label"]
+    return bundle_input_dims(bundle) if (bundle / "configs" / "inference.json").is_file() else 3
+
+
 def merge_reports(reports: list[dict]) -> dict:
     """One report from the reports of several runs (``--json``) on the same machine with the same settings.
 
@@ -1030,7 +1044,8 @@ def merge_reports(reports: list[dict]) -> dict:
         rows += [dict(row, run=row.get("run", 1) + offset) for row in rep["rows"]]
     latest = {r["label"]: r for r in rows}  # a network measured again in a later run: the later row counts
     rows = [r for r in rows if latest[r["label"]] is r]
-    rows.sort(key=lambda r: r["kind"] != "bundle")  # stable: bundles first, each group in run order
+    # stable sort: 3-D inputs first, then 2-D; bundles before comparators; otherwise in run order
+    rows.sort(key=lambda r: (-_row_dims(r), r["kind"] != "bundle"))
     return dict(machine=first["machine"], runs=runs, quick=first["quick"], sizes=first["sizes"],
                 overrides=first["overrides"], timeout=max(r["timeout"] for r in runs), rows=rows)
 

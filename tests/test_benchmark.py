@@ -75,8 +75,9 @@ def test_quick_run_one_bundle_and_one_comparator(tmp_path):
                     blocks_up=(1, 1, 1))
     assert rows["MONAI SegResNet 2D"]["params"] == f"{sum(p.numel() for p in seg.parameters()):,}"
 
-    for name, roi in ((BUNDLE, "64x64x32"), ("MONAI SegResNet 2D", "64x64")):
+    for name, roi, image in ((BUNDLE, "64x64x32", "1x64x64x32"), ("MONAI SegResNet 2D", "64x64", "3x64x64")):
         row = rows[name]
+        assert row["input"] == image, row
         assert row["ROI"] == roi and row["train ROI"] == roi, row
         assert row["windows"] == "1", row  # the quick input is no larger than the ROI: one padded window
         for col in ("GFLOPs / window", "warm-up s", "inference s", "peak RSS MB", "train iter s",
@@ -188,6 +189,7 @@ def test_render_from_json_with_timeouts_and_failures(tmp_path):
     md = out.read_text()
     rows = _table(md)
     assert rows["fast_bundle"]["GFLOPs / window"] == "330.0 + 2.50 scan"
+    assert rows["fast_bundle"]["input"] == "1x512x512x150" and rows["slow_bundle"]["input"] == "512x512x150"
     assert rows["fast_bundle"]["params"] == "1,234,567" and rows["fast_bundle"]["windows"] == "300"
     assert rows["slow_bundle"]["peak RSS MB"] == "≥2500 (at timeout)"
     slow = rows["slow_bundle"]
@@ -207,7 +209,7 @@ def _tiny_report(label, kind, sizes=None, load=1.0):
         machine=dict(cpu="test CPU", logical_cpus=2, usable_cpus=2, threads=1, ram_gb=8.0, python="3", torch="t",
                      monai="m", numba="n", device="cpu", git="abc", date="today", scan_backend=f"scan-{label}"),
         load_start=[load] * 3, load_end=[load] * 3, sizes=sizes or {"3": [512, 512, 150], "2": [1024, 1024]},
-        rows=[dict(kind=kind, label=label, source="x", infer=res, train=train)],
+        rows=[dict(kind=kind, label=label, source="x", dims=2, infer=res, train=train)],
     )
 
 
@@ -220,6 +222,7 @@ def test_reports_of_several_runs_merge_into_one_table(tmp_path):
     assert bm.main(["--from-json", *map(str, paths), "--out", str(out), "--png", "none", "--json", str(merged)]) == 0
     md = out.read_text()
     assert list(_table(md)) == ["bundle_a", "MONAI SegResNet 2D"]  # bundles first
+    assert _table(md)["bundle_a"]["input"] == "1024x1024"  # no input recorded: the report's size for its dims
     assert "Generated in 2 runs" in md and "scan-bundle_a" in md and "scan-MONAI SegResNet 2D" in md
     assert "**bundle_a** (x, run 2)" in md and "**MONAI SegResNet 2D** (x, run 1)" in md
     again = tmp_path / "again.md"  # a merged report can itself be re-rendered / merged again
