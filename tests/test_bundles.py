@@ -121,10 +121,12 @@ def test_metadata(bundle, tmp_path):
     assert list(fmt["inputs"])[0] == "image" and list(fmt["outputs"])[0] == "pred"  # MONAI Label / verify_net_in_out
     pred = fmt["outputs"]["pred"]
     ids = sorted(int(k) for k in pred["channel_def"])  # MONAI Label takes the class names from channel_def
-    if pred["num_channels"] > 1:  # softmax: one entry per channel, channel 0 the background
-        assert ids == list(range(pred["num_channels"])) and pred["channel_def"]["0"] == "background"
+    if pred["num_channels"] > 1:  # one entry per channel (softmax or multi-label sigmoid)
+        assert ids == list(range(pred["num_channels"]))
     else:  # one sigmoid channel: ids of the saved mask (0 and/or 1)
         assert ids and set(ids) <= {0, 1}
+    names = [pred["channel_def"][k] for k in sorted(pred["channel_def"], key=int)]
+    assert "background" not in names[1:], "background, when named, is class 0"
     assert fmt["inputs"]["image"]["is_patch_data"] is True
     assert set(meta.get("export_formats", [])) <= EXPORT_FORMATS and meta.get("export_formats")
     assert "#" not in meta.get("data_source", ""), "'#' in strings is rewritten by the config parser"
