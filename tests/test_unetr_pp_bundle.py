@@ -139,9 +139,13 @@ def _tiny_dataset(tmp_path, n_train=2, n_test=0, shape=(24, 24, 12)):
     return make_synthetic_dataset(tmp_path / "ds", read_meta(BUNDLE), list(shape), n_train=n_train, n_test=n_test)
 
 
+# Mechanics tests (torchrun, resume) do not need the 128x128x32 patch of reduced.json: a 64x64x16 one is 8x cheaper.
+SMALL_ROI = [64, 64, 16]
+
+
 def _cli_overrides(root: Path, ds: Path, **extra) -> list[str]:
     ov = {"bundle_root": str(root), "dataset_dir": str(ds), "num_workers": 0, "progress_bar": False,
-          "augment": False, "num_samples": 1, "cache_rate": 0.0, **extra}
+          "augment": False, "num_samples": 1, "cache_rate": 0.0, "roi_size": SMALL_ROI, **extra}
     args = []
     for k, v in ov.items():
         args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
@@ -201,7 +205,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
 
     wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), num_workers=0,
                    progress_bar=False, augment=False, num_samples=1, cache_rate=0.0, val_interval=1000,
-                   **{"train#trainer#max_epochs": saved_epoch + 1})
+                   roi_size=SMALL_ROI, **{"train#trainer#max_epochs": saved_epoch + 1})
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
     optimizer = wf.parser.get_parsed_content("optimizer")
@@ -226,7 +230,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
     # --resume False starts over
     wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), num_workers=0,
                    progress_bar=False, augment=False, num_samples=1, cache_rate=0.0, val_interval=1000,
-                   resume=False, **{"train#trainer#max_epochs": 1})
+                   roi_size=SMALL_ROI, resume=False, **{"train#trainer#max_epochs": 1})
     wf.initialize()
     wf.run()
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1
