@@ -239,7 +239,7 @@ def test_cpu_backend_deterministic_across_thread_counts():
     old = torch.get_num_threads()
     outs = []
     try:
-        for nt in (1, 2):
+        for nt in (1, 2, 3):
             torch.set_num_threads(nt)
             for v in inp.values():
                 v.grad = None
@@ -249,8 +249,51 @@ def test_cpu_backend_deterministic_across_thread_counts():
             outs.append([y.detach()] + [v.grad.clone() for v in inp.values()])
     finally:
         torch.set_num_threads(old)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def _scan_in_child(queue):
+    torch.set_num_threads(2)
+    inp = make(1, 64, 4, 30, dtype=torch.float32)
+    with use_backend("cpu"):
+        y = selective_scan_fn(**inp, delta_softplus=True)
+    queue.put(y.double().sum().item())
+
+
+def test_cpu_backend_after_fork_and_from_threads():
+    """The kernel thread pool must survive a fork (DataLoader workers) and concurrent callers."""
+    import multiprocessing
+    import threading
+
+    inp = make(1, 64, 4, 30, dtype=torch.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with use_backend("cpu"):
+            expected = selective_scan_fn(**inp, delta_softplus=True)  # starts the pool in this process
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_scan_in_child, args=(queue,))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode == 0, "scan in a forked child failed or hung"
+        assert queue.get(timeout=5) == pytest.approx(expected.double().sum().item(), rel=1e-12)
+        results = [None] * 4
+
+        def worker(i):
+            with use_backend("cpu"):
+                results[i] = selective_scan_fn(**inp, delta_softplus=True)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(r, expected) for r in results)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_zero_length_and_inference_mode():

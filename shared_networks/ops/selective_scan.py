@@ -282,8 +282,7 @@ def selective_scan_torch(
 
 
 # --------------------------------------------------------------------------------------------------- cpu
-_pool = None
-_pool_pid = None
+_pool = None  # (executor, pid that made it, its number of workers)
 _pool_lock = threading.Lock()
 
 
@@ -293,16 +292,16 @@ def _parallel(fn, n_items, *args):
     The numba kernels release the GIL, so a plain thread pool runs them in parallel; the calling thread takes the
     first part. The pool is re-created after a fork (worker threads do not survive it).
     """
-    global _pool, _pool_pid
+    global _pool
     nt = max(1, min(torch.get_num_threads(), n_items))
     if nt == 1:
         fn(0, n_items, *args)
         return
     with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < nt - 1:
-            _pool = ThreadPoolExecutor(max_workers=max(nt - 1, os.cpu_count() or 1), thread_name_prefix="scan")
-            _pool_pid = os.getpid()
-        pool = _pool
+        if _pool is None or _pool[1] != os.getpid() or _pool[2] < nt - 1:
+            size = max(nt - 1, os.cpu_count() or 1)
+            _pool = (ThreadPoolExecutor(max_workers=size, thread_name_prefix="selective_scan"), os.getpid(), size)
+        pool = _pool[0]
     bounds = [n_items * i // nt for i in range(nt + 1)]
     futures = [pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(1, nt)]
     try:
