@@ -488,6 +488,21 @@ def _worker_train(spec, result, save):
     )
 
 
+def _error_text(e: BaseException) -> str:
+    """One line: the root cause (MONAI's config errors wrap it) and, if different, the outer error."""
+
+    def line(x):
+        text = str(x).strip().splitlines()
+        return f"{type(x).__name__}: {text[0] if text else ''}".strip()
+
+    root, seen = e, set()
+    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    text = line(root) if root is e else f"{line(root)} (in {line(e)})"
+    return text[:300]
+
+
 def worker_main(spec: dict) -> int:
     """Run one phase of one model; write the (partial, then final) result JSON to spec['out']."""
     import torch
@@ -512,7 +527,7 @@ def worker_main(spec: dict) -> int:
     except Exception as e:  # noqa: BLE001 - reported in the table, details on stderr
         traceback.print_exc()
         result["status"] = "failed"
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        result["error"] = _error_text(e)
         save()
         return 1
 
@@ -767,7 +782,7 @@ def render_markdown(report: dict, png_rel: str | None) -> str:
         "estimate VMamba's FLOP counter uses (counted by intercepting `selective_scan_fn`).",
         "- **params**: Σ `numel` over `parameters()` of the network as the bundle builds it (buffers excluded; "
         "deep-supervision heads included when the bundle builds them).",
-        "- Comparators (same input, same run): MONAI SwinUNETR (feature_size 48) and SegResNet (init_filters 32, "
+        "- Comparators (same input" + (", same run" if len(runs) == 1 else "") + "): MONAI SwinUNETR (feature_size 48) and SegResNet (init_filters 32, "
         "blocks 1-2-2-4) with the Model Zoo's 3-D settings (ROI 96³, sw_batch_size 4, overlap 0.5, gaussian), "
         "14 output channels; 2-D forms (`spatial_dims=2`, ROI 512², 3 input / 2 output channels).",
         "- Each phase runs in its own subprocess; a phase that runs longer than the timeout is killed and shown as "

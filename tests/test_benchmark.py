@@ -253,3 +253,15 @@ def test_bad_arguments_are_refused_with_a_message(args, message, capsys):
     with pytest.raises(SystemExit):
         bm.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_worker_errors_name_the_root_cause():
+    try:
+        try:
+            raise AttributeError("'function' object has no attribute 'shape'")
+        except AttributeError as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression: \n\"$@network_def.to(@device)\"") from inner
+    except RuntimeError as outer:
+        text = bm._error_text(outer)
+    assert text == ("AttributeError: 'function' object has no attribute 'shape' "
+                    "(in RuntimeError: Failed to evaluate ConfigExpression:)")
