@@ -724,8 +724,10 @@ def render_markdown(report: dict, png_rel: str | None) -> str:
         params = f"{inf['params']:,}" if isinstance(inf.get("params"), int) else _cell(inf, "params")
         lines.append(
             "| " + " | ".join([
-                r["label"], f"{inf['input'][0]}x{_fmt_shape(inf['input'][1:])}" if inf.get("input") else
-                _fmt_shape(sizes[_row_dims(r)]), params, _fmt_shape(inf["roi"]) if inf.get("roi") else "—", _gflops_cell(inf),
+                r["label"],
+                f"{inf['input'][0]}x{_fmt_shape(inf['input'][1:])}" if inf.get("input") else
+                _fmt_shape(sizes[_row_dims(r)]),
+                params, _fmt_shape(inf["roi"]) if inf.get("roi") else "—", _gflops_cell(inf),
                 _cell(inf, "windows", "{:d}") if "windows" in inf else _cell(inf, "windows_expected", "{:d}"),
                 _cell(inf, "warmup_s", "{:.2f}"), _infer_cell(inf),
                 _peak_cell(inf), _fmt_shape(tr["train_roi"]) if tr.get("train_roi") else "—",
@@ -782,9 +784,9 @@ def render_markdown(report: dict, png_rel: str | None) -> str:
         "estimate VMamba's FLOP counter uses (counted by intercepting `selective_scan_fn`).",
         "- **params**: Σ `numel` over `parameters()` of the network as the bundle builds it (buffers excluded; "
         "deep-supervision heads included when the bundle builds them).",
-        "- Comparators (same input" + (", same run" if len(runs) == 1 else "") + "): MONAI SwinUNETR (feature_size 48) and SegResNet (init_filters 32, "
-        "blocks 1-2-2-4) with the Model Zoo's 3-D settings (ROI 96³, sw_batch_size 4, overlap 0.5, gaussian), "
-        "14 output channels; 2-D forms (`spatial_dims=2`, ROI 512², 3 input / 2 output channels).",
+        "- Comparators (same input" + (", same run" if len(runs) == 1 else "") + "): MONAI SwinUNETR (feature_size "
+        "48) and SegResNet (init_filters 32, blocks 1-2-2-4) with the Model Zoo's 3-D settings (ROI 96³, "
+        "sw_batch_size 4, overlap 0.5, gaussian), 14 output channels; 2-D forms (`spatial_dims=2`, ROI 512², 3 input / 2 output channels).",
         "- Each phase runs in its own subprocess; a phase that runs longer than the timeout is killed and shown as "
         "`timeout`.",
         "",
