@@ -786,7 +786,8 @@ def render_markdown(report: dict, png_rel: str | None) -> str:
         "deep-supervision heads included when the bundle builds them).",
         "- Comparators (same input" + (", same run" if len(runs) == 1 else "") + "): MONAI SwinUNETR (feature_size "
         "48) and SegResNet (init_filters 32, blocks 1-2-2-4) with the Model Zoo's 3-D settings (ROI 96³, "
-        "sw_batch_size 4, overlap 0.5, gaussian), 14 output channels; 2-D forms (`spatial_dims=2`, ROI 512², 3 input / 2 output channels).",
+        "sw_batch_size 4, overlap 0.5, gaussian), 14 output channels; 2-D forms (`spatial_dims=2`, ROI 512², "
+        "3 input / 2 output channels).",
         "- Each phase runs in its own subprocess; a phase that runs longer than the timeout is killed and shown as "
         "`timeout`.",
         "",
