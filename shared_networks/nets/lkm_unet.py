@@ -193,7 +193,7 @@ class _SeqMambaLayer(BiMambaPair):
         self._check(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            y = self._from_scan_order(self._apply(self._to_scan_order(x)))
+            y = self._from_scan_order(self._scan_windows(self._to_scan_order(x)))
             return x + y
 
 
@@ -235,7 +235,7 @@ class PiM(_SeqMambaLayer):
     def _describe(self) -> str:
         return f"the window {self.window_size}"
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def _scan_windows(self, x: torch.Tensor) -> torch.Tensor:
         win = tuple(self.window_size[a] for a in self.scan_axes)
         size = x.shape[2:]
         if self.window_grouping == "official":
@@ -298,7 +298,7 @@ class PaM(_SeqMambaLayer):
     def _describe(self) -> str:
         return f"the pool size {self.pool_size}"
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def _scan_windows(self, x: torch.Tensor) -> torch.Tensor:
         q = tuple(self.pool_size[a] for a in self.scan_axes)
         size = tuple(x.shape[2:])
         if all(p == 1 for p in q):
