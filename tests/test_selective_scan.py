@@ -320,7 +320,9 @@ def test_exp_polynomial_accuracy():
 
     x = np.concatenate([np.linspace(-700, 700, 200001), np.linspace(-1e-3, 1e-3, 1001), [0.0]])
     got = _numba_scan.exp_vec(x)
-    assert np.max(np.abs(got / np.exp(x) - 1)) < 1e-11
+    assert np.max(np.abs(got / np.exp(x) - 1)) < 2e-10
+    small = x[(np.abs(x) < 1e-3) & (x != 0)]  # 1 - exp(x) must keep its relative accuracy for tiny steps
+    assert np.max(np.abs((_numba_scan.exp_vec(small) - 1) / np.expm1(small) - 1)) < 5e-10
     special = _numba_scan.exp_vec(np.array([np.nan, -np.inf, -1e4, np.inf]))
     assert np.isnan(special[0]) and 0 <= special[1] < 1e-300 and 0 <= special[2] < 1e-300 and special[3] > 1e300
 
@@ -335,8 +337,8 @@ def test_fused_softplus_matches_torch():
     (grad,) = torch.autograd.grad(sp.sum(), x)
     sp = sp.detach().numpy()
     got, got_grad = _numba_scan.softplus_vec(x.detach().numpy())
-    assert np.max(np.abs(got - sp) / sp) < 2e-11
-    assert np.max(np.abs(got_grad - grad.numpy()) / grad.numpy()) < 2e-11
+    assert np.max(np.abs(got - sp) / sp) < 5e-10
+    assert np.max(np.abs(got_grad - grad.numpy()) / grad.numpy()) < 5e-10
     assert np.all(np.asarray(_numba_scan.softplus_vec(np.array([-1e4]))) < 1e-300)  # exp clamped at -708
 
 
