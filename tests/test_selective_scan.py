@@ -354,6 +354,23 @@ def test_auto_backend_choice(monkeypatch):
         assert "cuda" not in available_backends()
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_auto_uses_torch_backend_while_tracing(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    inp = make(1, 4, 2, 6, dtype=torch.float32)
+    seen = []
+
+    def f(u):
+        seen.append(get_backend(u))
+        return selective_scan_fn(u, **{k: v for k, v in inp.items() if k != "u"}, delta_softplus=True)
+
+    traced = torch.jit.trace(f, (inp["u"],), check_trace=False)
+    assert seen == ["torch"]
+    u2 = torch.randn_like(inp["u"])
+    assert_close(traced(u2).double(), f(u2).double(), 1e-5, "traced scan")
+    assert seen[-1] == "cpu"
+
+
 def test_numba_missing_falls_back_to_torch(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setattr(ss, "_numba_mod", False)

@@ -27,7 +27,7 @@ Backends:
 
 ``auto`` (the default) picks, per call: ``cuda`` for CUDA float32/16/bf16 tensors when mamba-ssm is installed;
 ``cpu`` for CPU float32/16/bf16 tensors when numba imports; ``torch`` otherwise (float64, other devices, no
-numba). Force one with the environment variable ``SHARED_NETWORKS_SCAN_BACKEND`` (read at every call) or the
+numba) and while ``torch.jit.trace`` records (custom autograd Functions cannot be traced). Force one with the environment variable ``SHARED_NETWORKS_SCAN_BACKEND`` (read at every call) or the
 ``use_backend(name)`` context manager (which wins over the variable); ``get_backend(u)`` tells which one a call
 with ``u`` would use and ``available_backends()`` lists the ones usable in this process.
 """
