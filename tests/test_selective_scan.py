@@ -354,7 +354,7 @@ def test_auto_backend_choice(monkeypatch):
         assert "cuda" not in available_backends()
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_auto_uses_torch_backend_while_tracing(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     inp = make(1, 4, 2, 6, dtype=torch.float32)
