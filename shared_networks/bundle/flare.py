@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.plans:
                 props = plans_intensity_properties(args.plans)
             else:
-                props = ct_intensity_properties(load_datalist(args.dataset_dir, "all", datalist_file=args.datalist_file))
+                cases = load_datalist(args.dataset_dir, "all", datalist_file=args.datalist_file)
+                props = ct_intensity_properties(cases)
             text = json.dumps(intensity_overrides(props), indent=4)
             if args.out:
                 with open(args.out, "w") as f:
