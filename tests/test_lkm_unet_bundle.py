@@ -320,6 +320,13 @@ def test_official_checkpoint_cli_into_bundle_inference(flare_demo_dataset, tmp_p
         ref = official(x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
         got = net(x)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), float((got - ref).abs().max())
+    # the same weights with the default (paper, contiguous) grouping compute another function
+    from shared_networks.bundle.export import build_network
+
+    contiguous = build_network(str(BUNDLE), _cfg("inference.json", "reduced.json")).eval()
+    contiguous.load_state_dict(torch.load(model, weights_only=True))
+    with torch.no_grad():
+        assert (contiguous(x) - ref).abs().max() > 1e-2
 
     # and the bundle's inference runs with it on the demo CT
     out = tmp_path / "out"
