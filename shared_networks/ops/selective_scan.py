@@ -442,6 +442,11 @@ def selective_scan_fn(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
     """Selective scan with mamba-ssm's signature; see the module docstring for shapes and backends."""
+    # MONAI MetaTensors (what SimpleInferer passes) break the kernels' new_empty(*size) calls: use plain tensors
+    u, delta, A, B, C, D, z, delta_bias = (
+        t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
+        for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
     _check(u, delta, A, B, C, D, z, delta_bias)
     fn = _ALL_BACKENDS[get_backend(u)]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
