@@ -27,9 +27,13 @@ Backends:
 
 ``auto`` (the default) picks, per call: ``cuda`` for CUDA float32/16/bf16 tensors when mamba-ssm is installed;
 ``cpu`` for CPU float32/16/bf16 tensors when numba imports; ``torch`` otherwise (float64, other devices, no
-numba) and while ``torch.jit.trace`` records (custom autograd Functions cannot be traced). Force one with the environment variable ``SHARED_NETWORKS_SCAN_BACKEND`` (read at every call) or the
-``use_backend(name)`` context manager (which wins over the variable); ``get_backend(u)`` tells which one a call
-with ``u`` would use and ``available_backends()`` lists the ones usable in this process.
+numba) and while ``torch.jit.trace`` records (custom autograd Functions cannot be traced). Force one with the
+environment variable ``SHARED_NETWORKS_SCAN_BACKEND`` (read at every call) or the ``use_backend(name)`` context
+manager (which wins over the variable); ``get_backend(u)`` tells which one a call with ``u`` would use and
+``available_backends()`` lists the ones usable in this process.
+
+Speed (scripts/bench_scan.py, batch 1, dim 192, N 16, L 4096, 2 threads, 2-core AMD EPYC): forward 3.7 ms for
+"cpu" vs 120 ms for the step loop; forward+backward ~25-50 ms vs ~480 ms.
 """
 
 from __future__ import annotations
