@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, DEMO_CT, make_synthetic_dataset, read_meta, tree_hashes
+from conftest import BUNDLES_DIR, DEMO_CT, make_synthetic_dataset, read_meta
 
 from shared_networks.bundle.slices import SliceWiseNetwork
 from shared_networks.bundle.synapse import (
@@ -268,95 +268,7 @@ def test_native_3d_option_trains_and_infers(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bad input
-
-
-@pytest.fixture
-def infer_setup(tmp_path):
-    """A bundle_root with a (random) reduced model.pt, and a runner for inference.json + reduced.json."""
-    from shared_networks.bundle.export import build_network
-
-    root = tmp_path / "root"
-    (root / "models").mkdir(parents=True)
-    net = build_network(str(BUNDLE), _cfg("inference.json", "reduced.json"))
-    torch.save(net.state_dict(), root / "models" / "model.pt")
-
-    def run(dataset_dir, output_dir=None, **override):
-        wf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
-                       dataset_dir=str(dataset_dir), output_dir=str(output_dir or tmp_path / "out"), device="cpu",
-                       num_workers=0, **override)
-        wf.initialize()
-        wf.run()
-        wf.finalize()
-
-    return root, run
-
-
-def test_small_image_is_padded_and_inputs_untouched(infer_setup, tmp_path):
-    _, run = infer_setup
-    img = tmp_path / "scans" / "small.nii.gz"
-    _save_nifti(img, np.random.default_rng(0).normal(0, 100, (20, 17, 3)).astype(np.int16))
-    before = tree_hashes(img.parent)
-    run(img.parent, tmp_path / "out")
-    seg = nib.load(str(tmp_path / "out" / "small_seg.nii.gz"))
-    assert seg.shape == (20, 17, 3)
-    assert np.allclose(seg.affine, nib.load(str(img)).affine, atol=1e-4)
-    assert tree_hashes(img.parent) == before
-
-    # a second run never overwrites the first result...
-    mtime = os.path.getmtime(tmp_path / "out" / "small_seg.nii.gz")
-    with pytest.raises(Exception) as e:
-        run(img.parent, tmp_path / "out")
-    assert "already exists" in _chain(e.value)
-    assert os.path.getmtime(tmp_path / "out" / "small_seg.nii.gz") == mtime
-    # ...unless asked to
-    run(img.parent, tmp_path / "out", overwrite=True)
-    # and never writes into the input folder
-    with pytest.raises(Exception) as e:
-        run(img.parent, img.parent)
-    assert "folder of the input" in _chain(e.value)
-    assert tree_hashes(img.parent) == before
-
-
-@pytest.mark.parametrize(
-    "case, expected",
-    [
-        ("two_channels", "expected 1 channel"),
-        ("slice_2d", "expected a 3D image"),
-        ("nan", "NaN"),
-        ("corrupt", "could not read"),
-        ("missing", "not found"),
-    ],
-)
-def test_bad_images_get_clear_errors(infer_setup, tmp_path, case, expected):
-    _, run = infer_setup
-    scans = tmp_path / "scans"
-    path = scans / "scan.nii.gz"
-    if case == "two_channels":
-        _save_nifti(path, np.zeros((16, 16, 4, 2), np.float32))
-    elif case == "slice_2d":  # a single 2D slice saved as a 2D NIfTI: the bundle takes volumes
-        path.parent.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), str(path))
-    elif case == "nan":
-        arr = np.zeros((16, 16, 4), np.float32)
-        arr[3, 4, 2] = np.nan
-        _save_nifti(path, arr)
-    elif case == "corrupt":
-        scans.mkdir(parents=True)
-        path.write_bytes(b"\x1f\x8b this is not a NIfTI file")
-    if case == "missing":
-        scans.mkdir(parents=True)
-        override = {"datalist": [str(scans / "gone.nii.gz")]}
-    else:
-        override = {}
-    before = tree_hashes(scans)
-    with pytest.raises(Exception) as e:
-        run(scans, tmp_path / "out", **override)
-    text = _chain(e.value)
-    assert expected in text, text
-    assert ("gone.nii.gz" if case == "missing" else "scan.nii.gz") in text, "the message must name the file"
-    assert tree_hashes(scans) == before
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+# bad input (the image-level checks shared by every CT bundle are in tests/test_ct_volume_bundles.py)
 
 
 def test_btcv_labels_without_mapping_are_refused(tmp_path):
