@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 
 
 def check_input(
@@ -55,3 +56,11 @@ def check_input(
     if check_finite and not torch.jit.is_scripting() and not torch.jit.is_tracing():
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: the input contains NaN or Inf values; clean the image before inference.")
+
+
+def maybe_checkpoint(module: torch.nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``module(x)``, recomputed in the backward pass instead of storing its activations when ``enabled`` and
+    gradients are on (``torch.utils.checkpoint``, non-reentrant): trades about one extra forward for memory."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+    return module(x)

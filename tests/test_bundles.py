@@ -159,6 +159,22 @@ def test_config_properties(bundle, tmp_path):
                 assert key in wf.parser, f"{bundle}: inference config lacks {key!r}"
 
 
+@pytest.mark.parametrize("max_epochs", [1, 3])
+def test_monailabel_training_request_contract(bundle, max_epochs):
+    """A MONAI Label training request overrides only ``train#trainer#max_epochs`` and starts from models/model.pt:
+    validation (which saves model.pt) must run within those epochs, and the run must not resume an older one."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(_cfg(bundle, "train.json"))
+    parser["train#trainer#max_epochs"] = max_epochs
+    if "val_interval" in parser:
+        val_interval = parser.get_parsed_content("val_interval")
+        assert 1 <= val_interval <= max_epochs, f"{bundle}: val_interval {val_interval} with max_epochs {max_epochs}"
+    if "resume" in parser:
+        assert parser.get_parsed_content("resume") is False, f"{bundle}: resume must default to false"
+
+
 def test_net_in_out(bundle):
     from monai.bundle import verify_net_in_out
 

@@ -204,7 +204,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
 
     wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), num_workers=0,
                    progress_bar=False, augment=False, num_samples=1, cache_rate=0.0, val_interval=1000,
-                   roi_size=SMALL_ROI, **{"train#trainer#max_epochs": saved_epoch + 1})
+                   roi_size=SMALL_ROI, resume=True, **{"train#trainer#max_epochs": saved_epoch + 1})
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
     optimizer = wf.parser.get_parsed_content("optimizer")
@@ -226,13 +226,17 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
     assert seen["optimizer_state"] and seen["weights_restored"]
     assert trainer.state.epoch == saved_epoch + 1
 
-    # --resume False starts over
+    # --resume False (the default) starts over, keeping the earlier run's checkpoints in previous_<time>/
+    before = {p.name: p.read_bytes() for p in ckpt_dir.glob("checkpoint_*.pt")}
     wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), num_workers=0,
                    progress_bar=False, augment=False, num_samples=1, cache_rate=0.0, val_interval=1000,
                    roi_size=SMALL_ROI, resume=False, **{"train#trainer#max_epochs": 1})
     wf.initialize()
     wf.run()
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1
+    kept = {p.name: p.read_bytes() for p in ckpt_dir.glob("previous_*/checkpoint_*.pt")}
+    assert kept == before, "the earlier run's checkpoints must be kept unchanged"
+    assert [p.name for p in ckpt_dir.glob("checkpoint_*.pt")] == ["checkpoint_1.pt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

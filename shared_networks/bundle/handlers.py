@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 import ignite.distributed as idist
@@ -139,6 +140,24 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_*.pt") -> str | 
     return max(files, key=lambda f: (os.path.getmtime(f), f))
 
 
+def _archive_checkpoints(ckpt_dir: str, logger: logging.Logger, pattern: str = "checkpoint_*.pt") -> str | None:
+    """Move an earlier run's resume checkpoints into ``ckpt_dir/previous_<time>/`` so that a fresh run neither
+    overwrites them (same epoch numbers) nor gets mixed up with them; returns the folder, or ``None``."""
+    files = sorted(glob.glob(os.path.join(ckpt_dir, pattern))) if ckpt_dir and os.path.isdir(ckpt_dir) else []
+    if not files:
+        return None
+    dest = os.path.join(ckpt_dir, "previous_" + time.strftime("%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(dest + (f"_{n}" if n > 1 else "")):
+        n += 1
+    dest += f"_{n}" if n > 1 else ""
+    os.makedirs(dest)
+    for f in files:
+        os.replace(f, os.path.join(dest, os.path.basename(f)))
+    logger.info(f"resume is off: moved {len(files)} checkpoint(s) of an earlier run to {dest} (kept, not deleted).")
+    return dest
+
+
 def attach_resume(
     trainer: Engine,
     objects: Mapping,
@@ -154,7 +173,8 @@ def attach_resume(
     :class:`BestModelSaver`, ...), keeping the newest ``n_saved``. Writes are atomic, so a run killed mid-write
     leaves the previous checkpoint intact. When the trainer starts and ``resume`` is true, the newest checkpoint in
     ``ckpt_dir`` is loaded into ``objects`` on every rank, so training continues at the saved epoch / iteration;
-    without one it starts from scratch. Returns ``trainer``.
+    without one it starts from scratch. When ``resume`` is false, checkpoints of an earlier run are moved into
+    ``ckpt_dir/previous_<time>/`` first, never overwritten. Returns ``trainer``.
     """
     objects = dict(objects)
     resume = as_bool(resume)
@@ -172,6 +192,8 @@ def attach_resume(
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=max(1, int(save_interval))), saver)
 
     def _resume(engine: Engine) -> None:
+        if not resume and saver is not None:
+            _archive_checkpoints(ckpt_dir, engine.logger)
         path = latest_checkpoint(ckpt_dir) if resume else None
         if path is None:
             engine.logger.info(

@@ -81,11 +81,10 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from monai.networks.blocks import Convolution
 
 from shared_networks.blocks.mamba import VSSBlock
-from shared_networks.utils import check_input
+from shared_networks.utils import check_input, maybe_checkpoint
 
 __all__ = [
     "PolypMamba",
@@ -181,10 +180,7 @@ class PatchExpand(nn.Module):
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
     for blk in blocks:
-        if use_checkpoint and torch.is_grad_enabled():
-            x = cp.checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
+        x = maybe_checkpoint(blk, x, use_checkpoint)
     return x
 
 
