@@ -570,7 +570,10 @@ def run_phase(spec: dict, timeout: float, threads: int | None, log) -> dict:
         result["status"] = "failed"
         if "error" not in result:
             tail = [ln for ln in (output or "").strip().splitlines() if ln.strip()]
-            result["error"] = (tail[-1] if tail else f"worker exited with code {proc.returncode}")[:300]
+            if proc.returncode == -signal.SIGKILL:  # not our timeout: the kernel's OOM killer, as a rule
+                result["error"] = "killed by SIGKILL (out of memory, most likely)"
+            else:
+                result["error"] = (tail[-1] if tail else f"worker exited with code {proc.returncode}")[:300]
     if result["status"] != "ok" and output:
         log(f"    worker output (last lines):\n      " + "\n      ".join(output.strip().splitlines()[-8:]))
     return result
