@@ -8,6 +8,14 @@ import torch
 import torch.utils.checkpoint
 
 
+def is_capturing() -> bool:
+    """True while TorchScript, ``torch.export`` or ``torch.compile`` records the forward pass."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)()))
+
+
 def check_input(
     x: torch.Tensor,
     *,
@@ -27,7 +35,8 @@ def check_input(
         spatial_dims: expected number of spatial axes.
         divisible_by: each spatial size must be a multiple of this (int or per axis).
         exact_size: the spatial size must equal this (networks tied to one ROI).
-        check_finite: refuse NaN/Inf (skipped while tracing/scripting).
+        check_finite: refuse NaN/Inf (skipped while a graph is captured: tracing, scripting, ``torch.export``,
+            ``torch.compile``, where a data-dependent check cannot be recorded).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}.")
@@ -53,7 +62,7 @@ def check_input(
                 f"{name}: spatial size {size} must be divisible by {div} per axis; pad the input "
                 "(e.g. monai.transforms.DivisiblePad) or pick another ROI."
             )
-    if check_finite and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+    if check_finite and not is_capturing():
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: the input contains NaN or Inf values; clean the image before inference.")
 

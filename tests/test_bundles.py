@@ -322,6 +322,15 @@ def test_datalist_layouts(tmp_path):
     }))
     assert [Path(d["image"]).name for d in load_datalist(str(ds), "validation")] == ["case01_0000.nii.gz"]
     assert [Path(p).name for p in list_images(str(ds))] == ["case02_0000.nii.gz"]
+    # nnU-Net v2's dataset.json lists no cases: the folders are scanned
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+                                                 "numTraining": 10, "file_ending": ".nii.gz"}))
+    assert load_datalist(str(ds), "validation") == val and len(load_datalist(str(ds), "all")) == 10
+    _touch(ds / "imagesTs" / "case99_0000.nii.gz")
+    assert [Path(p).name for p in list_images(str(ds))] == ["case99_0000.nii.gz"]
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0}}))
+    with pytest.raises(ValueError, match="'training' list"):
+        load_datalist(str(ds))
     (ds / "dataset.json").write_text(json.dumps({"training": [{"image": "imagesTr/nope.nii.gz", "label": "x"}]}))
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
         load_datalist(str(ds))

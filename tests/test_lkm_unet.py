@@ -276,6 +276,25 @@ def test_from_official_round_trip_and_refusals():
         from_official("lkm_unet", {"weight": torch.zeros(1)})
 
 
+def test_nnunet_v2_checkpoint_with_numpy_scalars_loads(tmp_path):
+    """nnU-Net v2 checkpoints keep NumPy scalars next to the weights (``_best_ema`` ...): allowed without executing
+    pickled code; a NumPy array (which can carry arbitrary objects) is still refused."""
+    import numpy as np
+
+    from shared_networks.convert._common import load_checkpoint_file
+
+    sd = {"w": torch.arange(3.0)}
+    f = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": sd, "_best_ema": np.float64(0.83), "current_epoch": np.int64(999),
+                "init_args": {"fold": 0, "flags": [np.bool_(True), np.float32(1.0)]},
+                "trainer_name": "nnUNetTrainerLKMUNet"}, f)
+    got = load_checkpoint_file(f)
+    assert list(got) == ["w"] and torch.equal(got["w"], sd["w"])
+    torch.save({"network_weights": sd, "logging": np.zeros(3)}, f)
+    with pytest.raises(ValueError, match="weights-only"):
+        load_checkpoint_file(f)
+
+
 @pytest.mark.parametrize("grouping", ["official", "contiguous"])
 def test_monai_layout_equals_official_on_permuted_input(grouping):
     torch.manual_seed(0)

@@ -6,7 +6,9 @@ Layout (nnU-Net / Medical Segmentation Decathlon style)::
         imagesTr/<case>.nii.gz     training images (nnU-Net's "<case>_0000.nii.gz" is accepted too)
         labelsTr/<case>.nii.gz     one label map per training image, same case name
         imagesTs/<case>.nii.gz     optional: images to segment (inference)
-        dataset.json               optional: explicit lists (replaces the folder scan, see below)
+        dataset.json               optional: explicit lists (replaces the folder scan, see below); an nnU-Net v2
+                                   dataset.json (channel_names, labels, file_ending; no case list) is recognised
+                                   and the folders are scanned
 
 ``dataset.json`` follows the MSD / MONAI ``dataset_0.json`` convention; paths are relative to ``dataset_dir`` (or
 absolute)::
@@ -80,12 +82,20 @@ def _resolve(dataset_dir: str, path: str, what: str, source: str) -> str:
     return full
 
 
-def _from_json(dataset_dir: str, json_path: str) -> dict[str, list]:
+#: keys of nnU-Net v2's dataset.json, which describes the folder instead of listing the cases
+_NNUNET_V2_KEYS = ("channel_names", "file_ending", "numTraining")
+
+
+def _from_json(dataset_dir: str, json_path: str) -> dict[str, list] | None:
+    """The lists of an MSD-style data list, or ``None`` for an nnU-Net v2 ``dataset.json`` (no case list: the
+    folders are scanned)."""
     try:
         with open(json_path) as f:
             content = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"could not read the data list {json_path}: {e}") from e
+    if isinstance(content, dict) and "training" not in content and any(k in content for k in _NNUNET_V2_KEYS):
+        return None
     if not isinstance(content, dict) or not isinstance(content.get("training"), list):
         raise ValueError(f"{json_path} must be a JSON object with a 'training' list. " + _LAYOUT_HELP)
     out: dict[str, list] = {}
@@ -172,7 +182,8 @@ def load_datalist(
         dataset_dir: the dataset folder (layout in this module's docstring).
         split: "training", "validation" or "all" (training + validation).
         val_fraction: share of cases held out for validation when the data list does not define "validation".
-        datalist_file: JSON data list inside ``dataset_dir`` (or an absolute path) used when it exists.
+        datalist_file: JSON data list inside ``dataset_dir`` (or an absolute path) used when it exists (an nnU-Net v2
+            ``dataset.json``, which lists no cases, falls back to the folder scan).
         images_dir / labels_dir: sub-folders scanned when there is no data list.
 
     Raises:
@@ -182,8 +193,8 @@ def load_datalist(
         raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}.")
     dataset_dir = _check_dataset_dir(dataset_dir)
     json_path = datalist_file if os.path.isabs(datalist_file) else os.path.join(dataset_dir, datalist_file)
-    if datalist_file and os.path.isfile(json_path):
-        lists = _from_json(dataset_dir, json_path)
+    lists = _from_json(dataset_dir, json_path) if datalist_file and os.path.isfile(json_path) else None
+    if lists is not None:
         if not lists["training"]:
             raise ValueError(f"{json_path} has an empty 'training' list. " + _LAYOUT_HELP)
         if lists["validation"]:
@@ -212,9 +223,9 @@ def list_images(
     dataset_dir = _check_dataset_dir(dataset_dir)
     json_path = datalist_file if os.path.isabs(datalist_file) else os.path.join(dataset_dir, datalist_file)
     if datalist_file and os.path.isfile(json_path):
-        test = _from_json(dataset_dir, json_path)["test"]
-        if test:
-            return test
+        lists = _from_json(dataset_dir, json_path)
+        if lists is not None and lists["test"]:
+            return lists["test"]
     sub = os.path.join(dataset_dir, images_dir)
     folder = sub if os.path.isdir(sub) else dataset_dir
     images = _image_files(folder)

@@ -266,8 +266,8 @@ def _names_for(ncols: int, class_names) -> list[str]:
         names = [str(n) for n in (class_names or [])]
     if ncols == len(names):
         return names
-    if ncols == len(names) - 1:  # metric computed without the background channel
-        return names[1:]
+    if ncols == len(names) - 1 and names[0].strip().lower() in ("background", "bg", "_background_"):
+        return names[1:]  # metric computed without the background channel
     return [f"class{i}" for i in range(ncols)]
 
 

@@ -52,7 +52,7 @@ class SafeLoadImaged(LoadImaged):
             paths = [str(d[k]) for k in self.key_iterator(d) if isinstance(d[k], (str, os.PathLike))]
             raise ValueError(
                 f"could not read {' / '.join(paths)} as an image ({type(e).__name__}: {e}). Is the file complete and "
-                "in a supported format (NIfTI .nii/.nii.gz for CT bundles)?"
+                "in a format the bundle reads (NIfTI, NRRD or MHA volumes; PNG, TIFF or JPEG images; see its README)?"
             ) from e
 
 

@@ -6,7 +6,18 @@ import collections
 import os
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+
+
+def _numpy_scalar_globals() -> list:
+    """What unpickling NumPy scalars needs (nnU-Net v2 stores e.g. ``_best_ema`` as ``np.float64``): the scalar
+    constructor and the dtypes. Arrays stay refused (object arrays can carry arbitrary pickles)."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+    names = [core.multiarray.scalar, np.dtype]
+    for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_):
+        names.append(type(np.dtype(t)))
+    return names
 
 
 def load_checkpoint_file(path: str | os.PathLike, key_candidates=("state_dict", "model", "model_state", "network_weights", "net")):
@@ -14,12 +25,12 @@ def load_checkpoint_file(path: str | os.PathLike, key_candidates=("state_dict", 
 
     Official files are often nnU-Net/Lightning checkpoints: dicts holding the weights under ``state_dict`` (nnU-Net),
     ``model`` or ``network_weights``, next to optimiser state and plain Python values. ``weights_only=True`` refuses
-    arbitrary classes; the few harmless containers such files use are allow-listed.
+    arbitrary classes; the few harmless containers and NumPy scalars such files use are allow-listed.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    safe = [collections.OrderedDict, collections.defaultdict, dict, list, tuple, set]
+    safe = [collections.OrderedDict, collections.defaultdict, dict, list, tuple, set, *_numpy_scalar_globals()]
     try:
         with torch.serialization.safe_globals(safe):
             obj = torch.load(path, map_location="cpu", weights_only=True)

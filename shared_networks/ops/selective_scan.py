@@ -49,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from ..utils import is_capturing
+
 _ENV = "SHARED_NETWORKS_SCAN_BACKEND"
 _NAMES = ("cuda", "cpu", "torch", "ref")
 _state = threading.local()
@@ -131,8 +133,9 @@ def get_backend(u: torch.Tensor) -> str:
         return forced
     if forced != "auto":
         return forced
-    if torch.jit.is_tracing():
-        # custom autograd Functions (numba, mamba-ssm) cannot be recorded into a TorchScript trace; plain ops can
+    if is_capturing():
+        # numba kernels and mamba-ssm's autograd Functions cannot be recorded into a TorchScript trace, an exported
+        # program or a compiled graph; plain PyTorch ops can
         return "torch"
     if u.is_cuda and _mamba_scan_fn is not None and u.dtype in _LOW_PRECISION:
         return "cuda"
@@ -446,11 +449,13 @@ def selective_scan_fn(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
     """Selective scan with mamba-ssm's signature; see the module docstring for shapes and backends."""
-    # MONAI MetaTensors (what SimpleInferer passes) break the kernels' new_empty(*size) calls: use plain tensors
-    u, delta, A, B, C, D, z, delta_bias = (
-        t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
-        for t in (u, delta, A, B, C, D, z, delta_bias)
-    )
+    # MONAI MetaTensors (what SimpleInferer passes) break the kernels' new_empty(*size) calls: use plain tensors.
+    # Not while a graph is captured: torch.export / compile run on their own tensor subclasses (fake tensors).
+    if not is_capturing():
+        u, delta, A, B, C, D, z, delta_bias = (
+            t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor else t
+            for t in (u, delta, A, B, C, D, z, delta_bias)
+        )
     _check(u, delta, A, B, C, D, z, delta_bias)
     fn = _ALL_BACKENDS[get_backend(u)]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
