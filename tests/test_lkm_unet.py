@@ -128,6 +128,25 @@ def test_lm_block_and_fp32_under_autocast():
         assert torch.allclose(y, blk(x.to(torch.bfloat16).float()), atol=1e-6)
 
 
+def test_use_checkpoint_gives_the_same_gradients():
+    """Recomputing PiM / PaM in the backward pass (the 3D bundle's training default) changes memory, not maths."""
+    torch.manual_seed(0)
+    kw = dict(spatial_dims=2, in_channels=1, out_channels=3, features_per_stage=(4, 8), window_sizes=(4, 2),
+              pool_sizes=(2, 1), n_blocks_per_stage=1, n_conv_per_stage_decoder=1)
+    plain, ckpt = LKMUNet(**kw), LKMUNet(**kw, use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.constructor_args["use_checkpoint"] is True and ckpt.encoder.use_checkpoint
+    x = torch.randn(2, 1, 16, 16)
+    grads = []
+    for net in (plain, ckpt):
+        net(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+    assert any(g.abs().sum() > 0 for n, g in grads[1].items() if "mamba_layers" in n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # token grouping, checked against independent re-computations on tiny maps
 def _bim(layer, tokens):
