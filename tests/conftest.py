@@ -1,5 +1,7 @@
 """Shared test helpers: the list of bundles, synthetic datasets in the bundles' shared layout (derived from a bundle's
-metadata.json, so 2D/3D, channel count, class count and file format follow the bundle), and the demo CT dataset."""
+metadata.json, so 2D/3D, channel count, class count and file format follow the bundle), the demo CT dataset, and
+what the bundle tests share: config paths, ConfigWorkflow construction and runs, exception chains, NIfTI writing and
+the ``one_thread`` fixture."""
 
 from __future__ import annotations
 
@@ -35,11 +37,63 @@ def bundle_names() -> list[str]:
     return sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
-def read_meta(bundle: str | Path) -> dict:
+def bundle_path(bundle: str | Path) -> Path:
+    """A bundle folder: an absolute path as given, anything else relative to bundles/."""
     path = Path(bundle)
-    path = path if path.is_absolute() else BUNDLES_DIR / path
-    with open(path / "configs" / "metadata.json") as f:
+    return path if path.is_absolute() else BUNDLES_DIR / path
+
+
+def read_meta(bundle: str | Path) -> dict:
+    with open(bundle_path(bundle) / "configs" / "metadata.json") as f:
         return json.load(f)
+
+
+def bundle_configs(bundle: str | Path, *names: str) -> list[str]:
+    """Paths (as strings, for ConfigWorkflow) of the named files in a bundle's configs/ folder, in the given order."""
+    configs = bundle_path(bundle) / "configs"
+    return [str(configs / n) for n in names]
+
+
+def bundle_workflow(bundle: str | Path, configs: list[str], workflow_type: str = "train", **override):
+    """A ``monai.bundle.ConfigWorkflow`` over ``configs`` with the bundle's metadata.json and logging.conf;
+    ``override`` sets config ids (``bundle_root``, ``dataset_dir``, ...). Not initialised."""
+    from monai.bundle import ConfigWorkflow
+
+    configs_dir = bundle_path(bundle) / "configs"
+    return ConfigWorkflow(
+        config_file=configs,
+        meta_file=str(configs_dir / "metadata.json"),
+        logging_file=str(configs_dir / "logging.conf"),
+        workflow_type=workflow_type,
+        **override,
+    )
+
+
+def run_workflow(wf):
+    """Initialise, run and finalise a workflow; returns it (its parser holds the trained engines)."""
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def exception_chain(exc: BaseException | None) -> str:
+    """Messages of an exception and its causes, one per line: MONAI wraps transform errors in RuntimeError, so the
+    message a test looks for may sit in a cause."""
+    parts = []
+    while exc is not None:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def save_nifti(path: str | Path, array, spacing=(3.0, 3.0, 3.0)) -> None:
+    """Write ``array`` as NIfTI with a diagonal affine of ``spacing`` (mm), creating the parent folder."""
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -111,6 +165,22 @@ def make_synthetic_dataset(root: str | Path, meta: dict, spatial_shape=None, n_t
         else:
             write_image(root / "imagesTs" / f"case{i:03d}{img_ext}", image, spacing)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One torch and one numba thread for the test, both restored afterwards: on a shared 2-core box, parallel
+    selective-scan regions that wait for a second thread cost 10-20x in wall time (and small CPU workloads gain
+    little from a second thread). Opt in per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import numba
+    import torch
+
+    prev = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev[0])
+    numba.set_num_threads(prev[1])
 
 
 @pytest.fixture

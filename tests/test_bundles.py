@@ -25,7 +25,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLES_DIR, bundle_names, make_synthetic_dataset, read_meta, tree_hashes
+from conftest import (
+    BUNDLES_DIR,
+    bundle_configs,
+    bundle_names,
+    bundle_workflow,
+    make_synthetic_dataset,
+    read_meta,
+    run_workflow,
+    tree_hashes,
+)
 
 import shared_networks
 from shared_networks.bundle import META_SCHEMA, META_SCHEMA_URL
@@ -37,24 +46,8 @@ META_SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 EXPORT_FORMATS = {"torchscript", "torchscript_trace", "torch_export", "onnx"}
 
 
-def _cfg(bundle: str, *names: str) -> list[str]:
-    return [str(BUNDLES_DIR / bundle / "configs" / n) for n in names]
-
-
 def _has_reduced(bundle: str) -> bool:
     return (BUNDLES_DIR / bundle / "configs" / "reduced.json").is_file()
-
-
-def _workflow(bundle: str, configs: list[str], workflow_type: str, **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=configs,
-        meta_file=str(BUNDLES_DIR / bundle / "configs" / "metadata.json"),
-        logging_file=str(BUNDLES_DIR / bundle / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        **override,
-    )
 
 
 def _train_overrides(bundle: str, configs: list[str], root: Path, dataset: Path) -> dict:
@@ -138,16 +131,16 @@ def test_config_properties(bundle, tmp_path):
     meta = read_meta(bundle)
     ds = make_synthetic_dataset(tmp_path / "ds", meta, _tiny_shape(meta), n_train=2, n_test=1)
     for configs, wtype in (
-        (_cfg(bundle, "train.json"), "train"),
-        (_cfg(bundle, "train.json", "evaluate.json"), "train"),
-        (_cfg(bundle, "inference.json"), "infer"),
+        (bundle_configs(bundle, "train.json"), "train"),
+        (bundle_configs(bundle, "train.json", "evaluate.json"), "train"),
+        (bundle_configs(bundle, "inference.json"), "infer"),
     ):
         if wtype == "train":
             ov = _train_overrides(bundle, configs, tmp_path / "root", ds)
         else:  # no trained weights exist: skip the initialize list (it loads models/model.pt)
             ov = {"bundle_root": str(tmp_path / "root"), "dataset_dir": str(ds), "output_dir": str(tmp_path / "out"),
                   "device": "cpu", "initialize": []}
-        wf = _workflow(bundle, configs, wtype, **ov)
+        wf = bundle_workflow(bundle, configs, wtype, **ov)
         wf.initialize()
         assert wf.check_properties() == [], f"{bundle} {[Path(c).name for c in configs]}"
         # MONAI Label needs these ids as well
@@ -166,7 +159,7 @@ def test_monailabel_training_request_contract(bundle, max_epochs):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(_cfg(bundle, "train.json"))
+    parser.read_config(bundle_configs(bundle, "train.json"))
     parser["train#trainer#max_epochs"] = max_epochs
     if "val_interval" in parser:
         val_interval = parser.get_parsed_content("val_interval")
@@ -199,31 +192,25 @@ def test_train_evaluate_infer_export(bundle, tmp_path):
     before = tree_hashes(ds)
     root = tmp_path / "root"
 
-    cfgs = _cfg(bundle, "train.json", *extra)
-    wf = _workflow(bundle, cfgs, "train", **_train_overrides(bundle, cfgs, root, ds))
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    cfgs = bundle_configs(bundle, "train.json", *extra)
+    wf = bundle_workflow(bundle, cfgs, "train", **_train_overrides(bundle, cfgs, root, ds))
+    run_workflow(wf)
     assert wf.parser.get_parsed_content("train#trainer").state.iteration >= 1
     assert (root / "models" / "model.pt").is_file(), "train.json must save models/model.pt"
 
-    cfgs = _cfg(bundle, "train.json", "evaluate.json", *extra)
-    wf = _workflow(bundle, cfgs, "train", **_train_overrides(bundle, cfgs, root, ds))
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    cfgs = bundle_configs(bundle, "train.json", "evaluate.json", *extra)
+    wf = bundle_workflow(bundle, cfgs, "train", **_train_overrides(bundle, cfgs, root, ds))
+    run_workflow(wf)
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     names = set(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) - {"background"}
     per_class = next(iter(metrics["per_class"].values()))
     assert names <= set(per_class), "evaluate.json must report every class by name"
 
-    cfgs = _cfg(bundle, "inference.json", *extra)
+    cfgs = bundle_configs(bundle, "inference.json", *extra)
     out = tmp_path / "out"
-    wf = _workflow(bundle, cfgs, "infer", bundle_root=str(root), dataset_dir=str(ds), output_dir=str(out),
-                   device="cpu", **({"num_workers": 0} if "num_workers" in json.load(open(cfgs[0])) else {}))
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    wf = bundle_workflow(bundle, cfgs, "infer", bundle_root=str(root), dataset_dir=str(ds), output_dir=str(out),
+                         device="cpu", **({"num_workers": 0} if "num_workers" in json.load(open(cfgs[0])) else {}))
+    run_workflow(wf)
     outputs = sorted(p for p in out.rglob("*") if p.is_file())
     assert len(outputs) == 1, outputs
     assert tree_hashes(ds) == before, "inference modified the dataset"
@@ -235,7 +222,7 @@ def test_train_evaluate_infer_export(bundle, tmp_path):
     if "torchscript" not in formats:
         readme = (BUNDLES_DIR / bundle / "docs" / "README.md").read_text()
         assert "cannot be scripted" in readme, "say in docs/README.md that the network cannot be scripted"
-    override_cfgs = _cfg(bundle, "inference.json", *extra)
+    override_cfgs = bundle_configs(bundle, "inference.json", *extra)
     roi = None
     if extra:
         roi = json.loads((BUNDLES_DIR / bundle / "configs" / "reduced.json").read_text()).get("roi_size")
@@ -265,8 +252,8 @@ def test_inference_preprocessing_matches_training(bundle, tmp_path):
 
     meta = read_meta(bundle)
     train, infer = ConfigParser(), ConfigParser()
-    train.read_config(_cfg(bundle, "train.json"))
-    infer.read_config(_cfg(bundle, "inference.json"))
+    train.read_config(bundle_configs(bundle, "train.json"))
+    infer.read_config(bundle_configs(bundle, "inference.json"))
     assert train.get("network_def") == infer.get("network_def")
     for key in ("roi_size", "num_classes", "pixdim", "hu_min", "hu_max", "scaled_min", "scaled_max"):
         if key in train or key in infer:

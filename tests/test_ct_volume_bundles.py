@@ -8,13 +8,22 @@ messages that name the problem and the file, and MONAI Label's ``image_path`` ke
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, bundle_names, read_meta, tree_hashes
+from conftest import (
+    BUNDLES_DIR,
+    bundle_configs,
+    bundle_names,
+    bundle_workflow,
+    exception_chain,
+    read_meta,
+    run_workflow,
+    save_nifti,
+    tree_hashes,
+)
 
 CT_BUNDLES = [
     b for b in bundle_names()
@@ -22,52 +31,25 @@ CT_BUNDLES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small CPU workloads: a second thread gains little and costs a lot when processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _chain(exc: BaseException) -> str:
-    """Messages of an exception and its causes (MONAI wraps transform errors in RuntimeError)."""
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
-
-
-def _save_nifti(path: Path, array, spacing=(3.0, 3.0, 3.0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=CT_BUNDLES)
 def infer_setup(request, tmp_path):
     """(bundle configs folder, bundle_root with a random reduced model.pt, runner for inference.json + reduced.json)."""
-    from monai.bundle import ConfigWorkflow
-
     from shared_networks.bundle.export import build_network
 
     bundle = BUNDLES_DIR / request.param
-    configs = bundle / "configs"
-    cfg = [str(configs / "inference.json"), str(configs / "reduced.json")]
+    cfg = bundle_configs(bundle, "inference.json", "reduced.json")
     root = tmp_path / "root"
     (root / "models").mkdir(parents=True)
     torch.save(build_network(str(bundle), cfg).state_dict(), root / "models" / "model.pt")
 
     def run(dataset_dir, output_dir=None, **override):
-        wf = ConfigWorkflow(
-            config_file=cfg, meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
-            workflow_type="infer", bundle_root=str(root), dataset_dir=str(dataset_dir),
+        run_workflow(bundle_workflow(
+            bundle, cfg, "infer", bundle_root=str(root), dataset_dir=str(dataset_dir),
             output_dir=str(output_dir or tmp_path / "out"), device="cpu", num_workers=0, **override,
-        )
-        wf.initialize()
-        wf.run()
-        wf.finalize()
+        ))
 
     return bundle, root, run
 
@@ -75,7 +57,7 @@ def infer_setup(request, tmp_path):
 def test_small_image_is_padded_and_inputs_untouched(infer_setup, tmp_path):
     _, _, run = infer_setup
     img = tmp_path / "scans" / "small.nii.gz"
-    _save_nifti(img, np.random.default_rng(0).normal(0, 100, (20, 17, 7)).astype(np.int16))
+    save_nifti(img, np.random.default_rng(0).normal(0, 100, (20, 17, 7)).astype(np.int16))
     before = tree_hashes(img.parent)
     run(img.parent, tmp_path / "out")
     seg = nib.load(str(tmp_path / "out" / "small_seg.nii.gz"))
@@ -87,14 +69,14 @@ def test_small_image_is_padded_and_inputs_untouched(infer_setup, tmp_path):
     mtime = os.path.getmtime(tmp_path / "out" / "small_seg.nii.gz")
     with pytest.raises(Exception) as e:
         run(img.parent, tmp_path / "out")
-    assert "already exists" in _chain(e.value)
+    assert "already exists" in exception_chain(e.value)
     assert os.path.getmtime(tmp_path / "out" / "small_seg.nii.gz") == mtime
     # ...unless asked to
     run(img.parent, tmp_path / "out", overwrite=True)
     # and never writes into the input folder
     with pytest.raises(Exception) as e:
         run(img.parent, img.parent)
-    assert "folder of the input" in _chain(e.value)
+    assert "folder of the input" in exception_chain(e.value)
     assert tree_hashes(img.parent) == before
 
 
@@ -113,14 +95,14 @@ def test_bad_images_get_clear_errors(infer_setup, tmp_path, case, expected):
     scans = tmp_path / "scans"
     path = scans / "scan.nii.gz"
     if case == "two_channels":
-        _save_nifti(path, np.zeros((16, 16, 8, 2), np.float32))
+        save_nifti(path, np.zeros((16, 16, 8, 2), np.float32))
     elif case == "slice_2d":  # a single 2D slice saved as a 2D NIfTI: the bundles take volumes
         path.parent.mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), str(path))
     elif case == "nan":
         arr = np.zeros((16, 16, 8), np.float32)
         arr[3, 4, 5] = np.nan
-        _save_nifti(path, arr)
+        save_nifti(path, arr)
     elif case == "corrupt":
         scans.mkdir(parents=True)
         path.write_bytes(b"\x1f\x8b this is not a NIfTI file")
@@ -132,7 +114,7 @@ def test_bad_images_get_clear_errors(infer_setup, tmp_path, case, expected):
     before = tree_hashes(scans)
     with pytest.raises(Exception) as e:
         run(scans, tmp_path / "out", **override)
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert expected in text, text
     assert ("gone.nii.gz" if case == "missing" else "scan.nii.gz") in text, "the message must name the file"
     assert tree_hashes(scans) == before
@@ -146,17 +128,17 @@ def test_checkpoint_of_another_network_is_refused(infer_setup, tmp_path):
 
     bundle, root, run = infer_setup
     scans = tmp_path / "scans"
-    _save_nifti(scans / "scan.nii.gz", np.zeros((16, 16, 8), np.int16))
+    save_nifti(scans / "scan.nii.gz", np.zeros((16, 16, 8), np.int16))
     torch.save(UNet(3, 1, 14, channels=(8, 16), strides=(2,)).state_dict(), root / "models" / "model.pt")
     with pytest.raises(Exception) as e:
         run(scans)
-    msg = _chain(e.value)
+    msg = exception_chain(e.value)
     assert "missing keys" in msg and "unexpected keys" in msg and "another network" in msg
     # the full configuration's weights do not fit the reduced one: misshapen keys are named
     torch.save(build_network(str(bundle)).state_dict(), root / "models" / "model.pt")
     with pytest.raises(Exception) as e:
         run(scans)
-    assert "misshapen keys" in _chain(e.value)
+    assert "misshapen keys" in exception_chain(e.value)
 
 
 def test_monai_label_image_path_key_survives_spacing(infer_setup, tmp_path):
@@ -168,7 +150,7 @@ def test_monai_label_image_path_key_survives_spacing(infer_setup, tmp_path):
     bundle, root, _ = infer_setup
     configs = bundle / "configs"
     img = tmp_path / "scans" / "ct.nii.gz"
-    _save_nifti(img, np.random.default_rng(0).normal(0, 100, (40, 30, 12)).astype(np.int16))
+    save_nifti(img, np.random.default_rng(0).normal(0, 100, (40, 30, 12)).astype(np.int16))
     parser = ConfigParser()
     parser.read_config([str(configs / "inference.json"), str(configs / "reduced.json")])
     parser.read_meta(str(configs / "metadata.json"))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO
+from conftest import BUNDLES_DIR, REPO, bundle_configs, bundle_workflow, run_workflow, save_nifti
 
 from shared_networks.bundle.flare import BTCV_TO_FLARE, FLARE_CLASSES, btcv_to_flare
 from shared_networks.bundle.synapse import BTCV_CLASSES
@@ -45,43 +46,10 @@ FAST_TRAIN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small convs and scans: one thread is as fast as two, and immune to an oversubscribed machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _cfg(*names: str) -> list[str]:
-    return [str(CONFIGS / n) for n in names]
-
-
-def _workflow(configs, workflow_type="train", **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=configs,
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        **override,
-    )
-
-
-def _chain(exc: BaseException) -> str:
-    """Messages of an exception and its causes (MONAI wraps transform errors in RuntimeError)."""
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
-
-
-def _save_nifti(path: Path, array, spacing=(8.0, 8.0, 8.0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+# conftest helpers bound to this bundle; every test runs with one torch / numba thread (see one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_cfg = functools.partial(bundle_configs, BUNDLE)
+_workflow = functools.partial(bundle_workflow, BUNDLE)
 
 
 @pytest.fixture
@@ -177,9 +145,9 @@ def test_intensity_is_nnunet_ct_normalisation(tmp_path):
     values = np.array([-1000.0, -100.0, 40.0, 100.0, 250.0, 300.0, 2000.0], np.float32)
     image = np.repeat(values, 4)[:, None, None] * np.ones((1, 8, 4), np.float32)  # 28 x 8 x 4 voxels at 8 mm
     img = tmp_path / "scans" / "ct.nii.gz"
-    _save_nifti(img, image.astype(np.int16))
+    save_nifti(img, image.astype(np.int16), spacing=(8.0, 8.0, 8.0))
     lbl = tmp_path / "labels" / "ct.nii.gz"
-    _save_nifti(lbl, np.zeros(image.shape, np.uint8))
+    save_nifti(lbl, np.zeros(image.shape, np.uint8), spacing=(8.0, 8.0, 8.0))
     override = {"hu_min": -60, "hu_max": 280, "hu_mean": 90.5, "hu_std": 70.25}
     expected = (np.clip(values, -60, 280) - 90.5) / 70.25
     for configs, key in ((_cfg("inference.json", "reduced.json"), "preprocessing"),
@@ -247,9 +215,7 @@ def test_reduced_lkm_unet_learns_liver_on_demo_ct(flare_demo_dataset, tmp_path):
     out = tmp_path / "out"
     inf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
                     dataset_dir=str(ds / "imagesTr"), output_dir=str(out), device="cpu", num_workers=0)
-    inf.initialize()
-    inf.run()
-    inf.finalize()
+    run_workflow(inf)
     seg_img = nib.load(str(out / "ct_seg.nii.gz"))
     ref_img = nib.load(str(ds / "labelsTr" / "ct.nii.gz"))
     seg, ref = seg_img.get_fdata(), ref_img.get_fdata()
@@ -333,9 +299,7 @@ def test_official_checkpoint_cli_into_bundle_inference(flare_demo_dataset, tmp_p
     inf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
                     dataset_dir=str(flare_demo_dataset / "imagesTr"), output_dir=str(out), device="cpu",
                     num_workers=0, **{"network_def#window_grouping": "official"})
-    inf.initialize()
-    inf.run()
-    inf.finalize()
+    run_workflow(inf)
     seg = nib.load(str(out / "ct_seg.nii.gz"))
     assert seg.shape == (122, 101, 30)
     assert set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= set(range(14))

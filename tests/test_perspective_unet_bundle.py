@@ -14,16 +14,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, DEMO_CT, make_synthetic_dataset, read_meta
+from conftest import (
+    BUNDLES_DIR,
+    DEMO_CT,
+    bundle_configs,
+    bundle_workflow,
+    exception_chain,
+    make_synthetic_dataset,
+    read_meta,
+    run_workflow,
+    save_nifti,
+)
 
 from shared_networks.bundle.slices import SliceWiseNetwork
 from shared_networks.bundle.synapse import (
@@ -57,43 +67,10 @@ FAST_TRAIN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small CPU workloads: a second thread gains little and costs a lot when processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _cfg(*names: str) -> list[str]:
-    return [str(CONFIGS / n) for n in names]
-
-
-def _workflow(configs, workflow_type="train", **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=configs,
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        **override,
-    )
-
-
-def _chain(exc: BaseException) -> str:
-    """Messages of an exception and its causes (MONAI wraps transform errors in RuntimeError)."""
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
-
-
-def _save_nifti(path: Path, array, spacing=(3.0, 3.0, 3.0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+# conftest helpers bound to this bundle; every test runs with one torch / numba thread (see one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_cfg = functools.partial(bundle_configs, BUNDLE)
+_workflow = functools.partial(bundle_workflow, BUNDLE)
 
 
 def _dice(a, b) -> float:
@@ -157,9 +134,7 @@ def test_reduced_bundle_learns_liver_on_demo_ct_slices(demo_ct_dataset, tmp_path
     out = tmp_path / "out"
     inf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
                     dataset_dir=str(demo_ct_dataset / "imagesTr"), output_dir=str(out), device="cpu", num_workers=0)
-    inf.initialize()
-    inf.run()
-    inf.finalize()
+    run_workflow(inf)
     seg = nib.load(str(out / "ct_seg.nii.gz"))
     ref = nib.load(str(demo_ct_dataset / "labelsTr" / "ct.nii.gz"))
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine, atol=1e-4)
@@ -210,7 +185,7 @@ def test_official_checkpoint_import_then_bundle_inference(tmp_path, capsys):
     # on a 2-slice CT; slices resized to 224 x 224 (the official protocol) so that each is a single window
     scans = tmp_path / "scans"
     rng = np.random.default_rng(0)
-    _save_nifti(scans / "ct.nii.gz", rng.normal(0, 200, (60, 50, 2)).astype(np.int16), spacing=(0.8, 0.8, 5.0))
+    save_nifti(scans / "ct.nii.gz", rng.normal(0, 200, (60, 50, 2)).astype(np.int16), spacing=(0.8, 0.8, 5.0))
     out = tmp_path / "out"
     wf = _workflow(_cfg("inference.json"), "infer", bundle_root=str(root), dataset_dir=str(scans),
                    output_dir=str(out), device="cpu", num_workers=0, resize_slices=True,
@@ -260,9 +235,7 @@ def test_native_3d_option_trains_and_infers(tmp_path):
     out = tmp_path / "out"
     inf = _workflow(_cfg("inference.json", "native_3d.json"), "infer", bundle_root=str(root),
                     dataset_dir=str(ds / "imagesTs"), output_dir=str(out), **tiny)
-    inf.initialize()
-    inf.run()
-    inf.finalize()
+    run_workflow(inf)
     (seg,) = list(out.iterdir())
     assert nib.load(str(seg)).shape == (40, 36, 20)
 
@@ -274,14 +247,14 @@ def test_native_3d_option_trains_and_infers(tmp_path):
 def test_btcv_labels_without_mapping_are_refused(tmp_path):
     """13-organ BTCV labels given to the 9-class bundle stop the run, naming the file and the remedy."""
     ds = tmp_path / "ds"
-    _save_nifti(ds / "imagesTr" / "ct.nii.gz", np.asanyarray(nib.load(str(DEMO_CT / "image.nii.gz")).dataobj))
-    _save_nifti(ds / "labelsTr" / "ct.nii.gz", np.asanyarray(nib.load(str(DEMO_CT / "label_btcv.nii.gz")).dataobj))
+    save_nifti(ds / "imagesTr" / "ct.nii.gz", np.asanyarray(nib.load(str(DEMO_CT / "image.nii.gz")).dataobj))
+    save_nifti(ds / "labelsTr" / "ct.nii.gz", np.asanyarray(nib.load(str(DEMO_CT / "label_btcv.nii.gz")).dataobj))
     wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(tmp_path / "root"), dataset_dir=str(ds),
                    num_workers=0, cache_rate=0.0, progress_bar=False, device="cpu", **{"train#trainer#max_epochs": 1})
     wf.initialize()
     with pytest.raises(Exception) as e:
         wf.run()
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert "outside 0..8" in text and "ct.nii.gz" in text and "remap" in text, text
 
 

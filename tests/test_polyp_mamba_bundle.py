@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO, tree_hashes
+from conftest import BUNDLES_DIR, REPO, bundle_configs, bundle_workflow, exception_chain, run_workflow, tree_hashes
 from PIL import Image
 
 from shared_networks.bundle import polyp_metrics as PM
@@ -33,44 +34,10 @@ NUCLEI = REPO / "data" / "demo" / "nuclei"
 EPS = float(np.finfo(np.float64).eps)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch and one numba thread: on a shared 2-core box, parallel selective-scan regions that wait for a second
-    thread cost 10-20x in wall time."""
-    import numba
-
-    prev = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev[0])
-    numba.set_num_threads(prev[1])
-
-
-def _cfg(*names: str) -> list[str]:
-    return [str(CONFIGS / n) for n in names]
-
-
-def _workflow(configs, workflow_type="train", **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(config_file=configs, meta_file=str(CONFIGS / "metadata.json"),
-                          logging_file=str(CONFIGS / "logging.conf"), workflow_type=workflow_type, **override)
-
-
-def _run(wf):
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
-
-
-def _chain(exc: BaseException) -> str:
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
+# conftest helpers bound to this bundle; every test runs with one torch / numba thread (see one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_cfg = functools.partial(bundle_configs, BUNDLE)
+_workflow = functools.partial(bundle_workflow, BUNDLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -318,7 +285,7 @@ def test_pretrained_encoder_option(tmp_path):
         assert torch.equal(net.state_dict()[k], v), k
     with pytest.raises(Exception) as e:
         build_network(str(BUNDLE), _cfg("inference.json", "reduced.json"), pretrained_encoder=str(tmp_path / "x.pth"))
-    assert "x.pth" in _chain(e.value) and "not found" in _chain(e.value)
+    assert "x.pth" in exception_chain(e.value) and "not found" in exception_chain(e.value)
 
 
 def _rgb(gray: np.ndarray) -> np.ndarray:
@@ -380,8 +347,8 @@ def test_reduced_bundle_learns_on_the_rgb_nuclei_image(tmp_path):
 
     # evaluate.json on the held-out half: every metric of the paper, finite and in range
     t0 = time.time()
-    _run(_workflow(_cfg("train.json", "evaluate.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds),
-                   **NATIVE))
+    run_workflow(_workflow(_cfg("train.json", "evaluate.json", "reduced.json"), bundle_root=str(root),
+                           dataset_dir=str(ds), **NATIVE))
     t_eval = time.time() - t0
     report = json.loads((root / "eval" / "metrics.json").read_text())
     metrics = report["metrics"]
@@ -395,8 +362,8 @@ def test_reduced_bundle_learns_on_the_rgb_nuclei_image(tmp_path):
     # inference.json: sliding window (128^2) over the 512 x 256 held-out frame, 0/255 PNG of the frame's size
     t0 = time.time()
     out = tmp_path / "out"
-    _run(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root), dataset_dir=str(ds),
-                   output_dir=str(out), frame_size=[-1, -1], device="cpu", num_workers=0))
+    run_workflow(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root), dataset_dir=str(ds),
+                           output_dir=str(out), frame_size=[-1, -1], device="cpu", num_workers=0))
     t_infer = time.time() - t0
     mask = np.array(Image.open(out / "right_mask.png"))
     assert mask.shape == held_out.shape == (512, 256) and mask.dtype == np.uint8
@@ -425,9 +392,9 @@ def infer_setup(tmp_path):
     torch.save(net.state_dict(), root / "models" / "model.pt")
 
     def run(dataset_dir, output_dir=None, **override):
-        return _run(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
-                              dataset_dir=str(dataset_dir), output_dir=str(output_dir or tmp_path / "out"),
-                              device="cpu", num_workers=0, **override))
+        return run_workflow(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
+                                      dataset_dir=str(dataset_dir), output_dir=str(output_dir or tmp_path / "out"),
+                                      device="cpu", num_workers=0, **override))
 
     return root, run
 
@@ -448,11 +415,11 @@ def test_resize_mode_restores_frame_sizes_and_never_overwrites(infer_setup, tmp_
     assert tree_hashes(frames) == before
     with pytest.raises(Exception) as e:
         run(frames, out)
-    assert "already exists" in _chain(e.value)
+    assert "already exists" in exception_chain(e.value)
     run(frames, out, overwrite=True)
     with pytest.raises(Exception) as e:
         run(frames, frames)
-    assert "folder of the input" in _chain(e.value)
+    assert "folder of the input" in exception_chain(e.value)
     assert tree_hashes(frames) == before
 
 
@@ -480,7 +447,7 @@ def test_bad_frames_get_clear_errors(infer_setup, tmp_path, case, expected):
     before = tree_hashes(frames)
     with pytest.raises(Exception) as e:
         run(frames, tmp_path / "out", **override)
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert expected in text and path.name in text, text
     assert tree_hashes(frames) == before
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -500,7 +467,7 @@ def test_nan_frames_are_refused():
     frame = MetaTensor(frame, meta={"filename_or_obj": "frame_in_memory", "original_channel_dim": -1})
     with pytest.raises(Exception) as e:  # Compose wraps the ValueError in a RuntimeError naming the transform
         Compose(parser.get_parsed_content("preprocessing").transforms[1:])({"image": frame})
-    assert "frame_in_memory: the image contains 1 NaN" in _chain(e.value)
+    assert "frame_in_memory: the image contains 1 NaN" in exception_chain(e.value)
     net = parser.get_parsed_content("network_def").eval()
     with pytest.raises(ValueError, match="NaN"):
         net(torch.full((1, 3, 128, 128), float("nan")))
@@ -525,7 +492,7 @@ def test_bad_masks_get_clear_errors(tmp_path, case, expected):
     wf.initialize()
     with pytest.raises(Exception) as e:
         wf.run()
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert expected in text and lbl.name in text, text
 
 

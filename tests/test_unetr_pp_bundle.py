@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -23,7 +24,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES_DIR, REPO, make_synthetic_dataset, read_meta
+from conftest import (
+    BUNDLES_DIR,
+    REPO,
+    bundle_configs,
+    bundle_workflow,
+    exception_chain,
+    make_synthetic_dataset,
+    read_meta,
+    run_workflow,
+    save_nifti,
+)
 
 BUNDLE = BUNDLES_DIR / "unetr_pp_btcv_ct_segmentation"
 CONFIGS = BUNDLE / "configs"
@@ -41,34 +52,9 @@ FAST_TRAIN = {
 }
 
 
-def _cfg(*names: str) -> list[str]:
-    return [str(CONFIGS / n) for n in names]
-
-
-def _workflow(configs, workflow_type="train", **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=configs,
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        **override,
-    )
-
-
-def _chain(exc: BaseException) -> str:
-    """Messages of an exception and its causes (MONAI wraps transform errors in RuntimeError)."""
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
-
-
-def _save_nifti(path: Path, array, spacing=(3.0, 3.0, 3.0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+# conftest helpers bound to this bundle
+_cfg = functools.partial(bundle_configs, BUNDLE)
+_workflow = functools.partial(bundle_workflow, BUNDLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,9 +105,7 @@ def test_reduced_unetr_pp_learns_liver_on_demo_ct(demo_ct_dataset, tmp_path):
     out = tmp_path / "out"
     inf = _workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root),
                     dataset_dir=str(demo_ct_dataset / "imagesTr"), output_dir=str(out), device="cpu", num_workers=0)
-    inf.initialize()
-    inf.run()
-    inf.finalize()
+    run_workflow(inf)
     seg = nib.load(str(out / "ct_seg.nii.gz")).get_fdata()
     ref = nib.load(str(demo_ct_dataset / "labelsTr" / "ct.nii.gz")).get_fdata()
     assert seg.shape == ref.shape
@@ -259,13 +243,13 @@ def test_training_data_errors(tmp_path):
     # label ids outside 0..13 are refused by name when the training data are loaded
     ds2 = make_synthetic_dataset(tmp_path / "ds2", read_meta(BUNDLE), [24, 24, 12], n_train=1, n_test=0)
     lbl = ds2 / "labelsTr" / "case000.nii.gz"
-    _save_nifti(lbl, np.full((24, 24, 12), 20, np.uint8), spacing=(1.5, 1.5, 1.5))
+    save_nifti(lbl, np.full((24, 24, 12), 20, np.uint8), spacing=(1.5, 1.5, 1.5))
     wf = _workflow(_cfg("train.json", "reduced.json"), bundle_root=str(tmp_path / "root"), dataset_dir=str(ds2),
                    num_workers=0, cache_rate=0.0, progress_bar=False, **{"train#trainer#max_epochs": 1})
     wf.initialize()
     with pytest.raises(Exception) as e:
         wf.run()
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert "outside 0..13" in text and "case000.nii.gz" in text, text
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import BUNDLES_DIR, REPO, tree_hashes
+from conftest import BUNDLES_DIR, REPO, bundle_configs, bundle_workflow, exception_chain, run_workflow, tree_hashes
 
 from shared_networks.bundle import instance as I
 
@@ -35,44 +36,10 @@ NUCLEI = REPO / "data" / "demo" / "nuclei"
 SPLIT = 384  # image columns [0, 384) train, [384, 512) held out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch and one numba thread: on a shared 2-core box, parallel selective-scan regions that wait for a second
-    thread cost 10-20x in wall time."""
-    import numba
-
-    prev = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev[0])
-    numba.set_num_threads(prev[1])
-
-
-def _cfg(*names: str) -> list[str]:
-    return [str(CONFIGS / n) for n in names]
-
-
-def _workflow(configs, workflow_type="train", **override):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(config_file=configs, meta_file=str(CONFIGS / "metadata.json"),
-                          logging_file=str(CONFIGS / "logging.conf"), workflow_type=workflow_type, **override)
-
-
-def _run(wf):
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
-
-
-def _chain(exc: BaseException) -> str:
-    parts = []
-    while exc is not None:
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(parts)
+# conftest helpers bound to this bundle; every test runs with one torch / numba thread (see one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_cfg = functools.partial(bundle_configs, BUNDLE)
+_workflow = functools.partial(bundle_workflow, BUNDLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,16 +379,16 @@ def test_reduced_bundle_learns_nuclei_instances(tmp_path):
     assert (root / "models" / "model.pt").is_file()
 
     # evaluate.json on the held-out quarter: mSA, SA50/75, per-channel Dice with the channel names
-    _run(_workflow(_cfg("train.json", "evaluate.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds),
-                   **FAST))
+    run_workflow(_workflow(_cfg("train.json", "evaluate.json", "reduced.json"), bundle_root=str(root),
+                           dataset_dir=str(ds), **FAST))
     report = json.loads((root / "eval" / "metrics.json").read_text())
     metrics, dice = report["metrics"], report["per_class"]["val_dice"]
     assert set(dice) >= {"foreground", "boundaries"}
 
     # inference.json: sliding window (128^2 windows) over the 128 x 512 held-out image, watershed, uint16 TIFF
     out = tmp_path / "out"
-    _run(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root), dataset_dir=str(ds),
-                   output_dir=str(out), device="cpu", num_workers=0))
+    run_workflow(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root), dataset_dir=str(ds),
+                           output_dir=str(out), device="cpu", num_workers=0))
     inst = tifffile.imread(out / "right_instances.tif")
     ref = tifffile.imread(held_out_mask)
     assert inst.dtype == np.uint16 and inst.shape == ref.shape == (512, 512 - SPLIT)
@@ -450,9 +417,9 @@ def infer_setup(tmp_path):
     torch.save(net.state_dict(), root / "models" / "model.pt")
 
     def run(dataset_dir, output_dir=None, extra=(), **override):
-        return _run(_workflow(_cfg("inference.json", "reduced.json", *extra), "infer", bundle_root=str(root),
-                              dataset_dir=str(dataset_dir), output_dir=str(output_dir or tmp_path / "out"),
-                              device="cpu", num_workers=0, **override))
+        return run_workflow(_workflow(_cfg("inference.json", "reduced.json", *extra), "infer", bundle_root=str(root),
+                                      dataset_dir=str(dataset_dir), output_dir=str(output_dir or tmp_path / "out"),
+                                      device="cpu", num_workers=0, **override))
 
     return root, run
 
@@ -480,10 +447,10 @@ def test_inference_sizes_outputs_and_no_overwrite(infer_setup, tmp_path):
     # never overwrites a result, never writes into the input folder
     with pytest.raises(Exception) as e:
         run(scans, out)
-    assert "already exists" in _chain(e.value)
+    assert "already exists" in exception_chain(e.value)
     with pytest.raises(Exception) as e:
         run(scans, scans)
-    assert "folder of the input" in _chain(e.value)
+    assert "folder of the input" in exception_chain(e.value)
     assert tree_hashes(scans) == before
 
 
@@ -498,11 +465,12 @@ def test_distance_variant_and_paper_time_import(tmp_path):
     ds, _ = _nuclei_dataset(tmp_path, repeats=1)
     root = tmp_path / "root"
     ov = {**FAST, "num_samples": 2, "target": "distances"}
-    _run(_workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds), val_interval=1,
-                   **{"train#trainer#max_epochs": 1}, **ov))
+    run_workflow(_workflow(_cfg("train.json", "reduced.json"), bundle_root=str(root), dataset_dir=str(ds),
+                           val_interval=1, **{"train#trainer#max_epochs": 1}, **ov))
     out = tmp_path / "out"
-    _run(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root), dataset_dir=str(ds),
-                   output_dir=str(out), device="cpu", num_workers=0, target="distances", save_probabilities=True))
+    run_workflow(_workflow(_cfg("inference.json", "reduced.json"), "infer", bundle_root=str(root), dataset_dir=str(ds),
+                           output_dir=str(out), device="cpu", num_workers=0, target="distances",
+                           save_probabilities=True))
     assert tifffile.imread(out / "right_probabilities.tif").shape == (512, 512 - SPLIT, 3)
     assert tifffile.imread(out / "right_instances.tif").shape == (512, 512 - SPLIT)
 
@@ -572,7 +540,7 @@ def test_bad_images_get_clear_errors(infer_setup, tmp_path, case, expected):
     before = tree_hashes(scans)
     with pytest.raises(Exception) as e:
         run(scans, tmp_path / "out", **override)
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert expected in text and path.name in text, text
     assert tree_hashes(scans) == before
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -607,7 +575,7 @@ def test_bad_instance_masks_get_clear_errors(tmp_path, case, expected):
     wf.initialize()
     with pytest.raises(Exception) as e:
         wf.run()
-    text = _chain(e.value)
+    text = exception_chain(e.value)
     assert expected in text and lbl.name in text, text
 
 
