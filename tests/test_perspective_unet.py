@@ -167,6 +167,25 @@ def test_small_3d_forward_backward():
     torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-5)
 
 
+def test_use_checkpoint_gives_the_same_gradients():
+    """Recomputing the SCSI layers in the backward pass (the bundle's training default) changes memory, not maths:
+    the recomputation replays the same dropout masks."""
+    torch.manual_seed(0)
+    plain = PerspectiveUNet(img_size=32, **SMALL).train()
+    ckpt = PerspectiveUNet(img_size=32, use_checkpoint=True, **SMALL).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.scsi.use_checkpoint and ckpt.constructor_args["use_checkpoint"] is True
+    x = torch.randn(2, 1, 32, 32)
+    grads = []
+    for net in (plain, ckpt):
+        torch.manual_seed(1)  # same dropout / drop-path draws in both forwards
+        net(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("scsi.layers" in n for n in grads[1])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+
+
 def test_gray_to_rgb_and_channels():
     net = PerspectiveUNet(img_size=32, **SMALL).eval()
     assert net.gray_to_rgb and net.encoder[0].plain.proj.weight.shape[1] == 3

@@ -20,6 +20,7 @@ from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
 from .nonlocal_attention import RandomFeatureAttention
+from ..utils import maybe_checkpoint
 
 __all__ = [
     "ResidualUnit",
@@ -219,6 +220,7 @@ class CrossScaleIntegrator(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden_size)
         self.reproj = nn.ModuleList(conv(hidden_size, c, 1) for c in self.in_channels)
+        self.use_checkpoint = False  # recompute each layer in the backward pass (saves the N x N attention)
 
     @property
     def attention(self) -> str:
@@ -237,7 +239,7 @@ class CrossScaleIntegrator(nn.Module):
         shapes = [f.shape[2:] for f in feats]
         tokens = torch.cat([p(f).flatten(2).transpose(1, 2) for p, f in zip(self.proj, feats)], dim=1)
         for layer in self.layers:
-            tokens = layer(tokens)
+            tokens = maybe_checkpoint(layer, tokens, self.use_checkpoint)
         tokens = self.norm(tokens)
         parts = torch.split(tokens, [s.numel() for s in shapes], dim=1)
         return [

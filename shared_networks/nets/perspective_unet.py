@@ -122,6 +122,9 @@ class PerspectiveUNet(nn.Module):
             with itself).
         gray_to_rgb: repeat a 1-channel input to 3 channels before the first block. ``None`` = True for 2D with one
             input channel (official layout), False otherwise.
+        use_checkpoint: recompute the SCSI layers in the backward pass instead of storing them. Their token attention
+            (4116 tokens per 224x224 slice, with dropout) runs on PyTorch's math kernel on CPU, which keeps the
+            8 x 4116^2 attention weights of every layer for the backward pass: about 11 GB per slice without this.
 
     Shapes: (B, in_channels, *img_size) -> (B, out_channels, *img_size).
 
@@ -159,6 +162,7 @@ class PerspectiveUNet(nn.Module):
         use_scsi: bool = True,
         use_dilated_path: bool = True,
         gray_to_rgb: bool | None = None,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -212,6 +216,8 @@ class PerspectiveUNet(nn.Module):
             if use_scsi
             else None
         )
+        if self.scsi is not None:
+            self.scsi.use_checkpoint = bool(use_checkpoint)
         conv = Conv[Conv.CONV, spatial_dims]
         self.fuser = nn.ModuleList(conv(2 * c, c, 1) for c in deep)
 
